@@ -1,0 +1,95 @@
+"""Types that cross Ray boundaries between the driver, the rollout side and the learners.
+
+Token layout of a training batch (left-padded prompts, right-padded responses),
+so that every response starts in the same column `prompt_len`:
+
+    input_ids      [N, P + R]   pad.. prompt | response ..pad
+    attention_mask [N, P + R]   0 on padding, 1 elsewhere
+    response_mask  [N, R]       1 on response tokens (a prefix of each row)
+
+Per-token quantities of the response (log-probs, values, advantages) are
+`[N, R]`; the learner reads them from logits[:, P-1 : P+R-1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Sample:
+    """One generated response: a row of a rollout batch."""
+
+    prompt_id: int
+    sample_idx: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]  # nats, log p(response_ids[t] | prefix) under the rollout engine
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    policy_version: int
+    actor_name: str = ""
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.prompt_id, self.sample_idx)
+
+
+@dataclass
+class RolloutResult:
+    """What `RolloutPool.generate` returns: samples grouped by prompt, in prompt order."""
+
+    samples: list[Sample]
+    tokens_per_s: dict[str, float] = field(default_factory=dict)  # per actor, generated tokens/s
+    seconds: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.response_ids) for s in self.samples)
+
+
+def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad samples into the training layout described in the module docstring.
+
+    Returns input_ids, attention_mask, position_ids [N, P+R] (int64), response_mask [N, R]
+    (float32), rollout_logprobs [N, R] (float32, nats) and prompt_len (a 0-d int64 tensor = P).
+    """
+    if not samples:
+        raise ValueError("collate got no samples")
+    P = max(len(s.prompt_ids) for s in samples)
+    R = max(1, max(len(s.response_ids) for s in samples))
+    N = len(samples)
+    input_ids = torch.full((N, P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((N, P + R), dtype=torch.long)
+    response_mask = torch.zeros((N, R), dtype=torch.float32)
+    rollout_logprobs = torch.zeros((N, R), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        input_ids[i, P - p : P] = torch.tensor(s.prompt_ids)
+        input_ids[i, P : P + r] = torch.tensor(s.response_ids, dtype=torch.long)
+        attention_mask[i, P - p : P + r] = 1
+        response_mask[i, :r] = 1.0
+        rollout_logprobs[i, :r] = torch.tensor(s.logprobs, dtype=torch.float32)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "response_mask": response_mask,
+        "rollout_logprobs": rollout_logprobs,
+        "prompt_len": torch.tensor(P),
+    }
+
+
+def split_batch(batch: dict[str, Any], num_parts: int) -> list[dict[str, Any]]:
+    """Split every [N, ...] tensor into num_parts equal row chunks (N divisible by num_parts)."""
+    n = batch["input_ids"].shape[0]
+    if n % num_parts:
+        raise ValueError(f"batch of {n} rows cannot be split into {num_parts} equal parts")
+    k = n // num_parts
+    return [
+        {key: (v[i * k : (i + 1) * k] if torch.is_tensor(v) and v.dim() > 0 else v) for key, v in batch.items()}
+        for i in range(num_parts)
+    ]

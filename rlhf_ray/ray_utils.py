@@ -1,0 +1,65 @@
+"""Starting Ray with secure defaults, and calling actors with timeouts that name the actor."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import ray
+
+from rlhf_ray.config import ClusterConfig
+
+
+class ActorCallError(RuntimeError):
+    """A Ray call failed or timed out; the message names the actor and the method."""
+
+
+def init_ray(cluster: ClusterConfig | None = None) -> None:
+    """Connect to `cluster.address`, or start a local head bound to `cluster.host` (127.0.0.1 by default).
+
+    The dashboard stays off unless `cluster.dashboard` is set, and then listens on `cluster.host` only.
+    """
+    cluster = cluster or ClusterConfig()
+    if ray.is_initialized():
+        return
+    env_vars = {k: os.environ[k] for k in cluster.env_passthrough if k in os.environ}
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    if cluster.address:
+        ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=cluster.num_cpus,
+        include_dashboard=cluster.dashboard,
+        dashboard_host=cluster.host,
+        _node_ip_address=cluster.host,
+        runtime_env=runtime_env,
+        log_to_driver=True,
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, timeout_s: float) -> list[Any]:
+    """`ray.get` a list of calls; on timeout or death raise ActorCallError naming each failed actor."""
+    ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    if not_ready:
+        late = [n for r, n in zip(refs, names) if r in set(not_ready)]
+        raise ActorCallError(f"{what}: no answer within {timeout_s:.0f}s from {', '.join(late)}")
+    out, errors = [], []
+    for ref, name in zip(refs, names):
+        try:
+            out.append(ray.get(ref))
+        except ray.exceptions.RayActorError as err:
+            errors.append(f"{name} died ({type(err).__name__})")
+        except ray.exceptions.RayTaskError as err:
+            # An exception raised by our own code inside the actor: keep its type and message.
+            raise err.as_instanceof_cause() from None
+    if errors:
+        raise ActorCallError(f"{what} failed on " + "; ".join(errors))
+    return out

@@ -1,0 +1,81 @@
+"""The weight-sync wire protocol between two real processes over a standalone gloo group."""
+
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from rlhf_ray.ray_utils import free_port
+from rlhf_ray.weight_sync import (
+    SyncGroupSpec,
+    TensorMeta,
+    compare_checksums,
+    join_sync_group,
+    layer_checksums,
+    layer_of,
+    plan_buckets,
+    receive_bucket,
+    send_bucket,
+)
+
+
+def _named_tensors() -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        ("model.embed_tokens.weight", torch.randn(50, 8, generator=g)),
+        ("model.layers.0.self_attn.q_proj.weight", torch.randn(8, 8, generator=g)),
+        ("model.layers.0.self_attn.q_proj.bias", torch.randn(8, generator=g)),
+        ("model.layers.0.mlp.step", torch.arange(3, dtype=torch.int64)),
+        ("model.layers.1.mlp.up_proj.weight", torch.randn(16, 8, generator=g).to(torch.bfloat16)),
+        ("model.norm.weight", torch.randn(8, generator=g)),
+    ]
+
+
+def _receiver(spec: SyncGroupSpec, plan: list[list[TensorMeta]], queue) -> None:
+    pg = join_sync_group(spec, rank=1)
+    got = []
+    for bucket in plan:
+        got += [(n, t.clone()) for n, t in receive_bucket(pg, bucket)]
+    queue.put(got)
+
+
+def test_plan_buckets_respects_size_and_order():
+    metas = [TensorMeta.of(n, t) for n, t in _named_tensors()]
+    plan = plan_buckets(metas, bucket_bytes=400)
+    assert [m for b in plan for m in b] == metas
+    for bucket in plan:
+        assert len(bucket) == 1 or sum(m.nbytes for m in bucket) <= 400
+    assert metas[0].nbytes == 50 * 8 * 4
+
+
+def test_broadcast_round_trip_between_processes():
+    named = _named_tensors()
+    plan = plan_buckets([TensorMeta.of(n, t) for n, t in named], bucket_bytes=600)
+    spec = SyncGroupSpec("127.0.0.1", free_port(), 2, "gloo", 30.0, generation=0)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_receiver, args=(spec, plan, queue))
+    proc.start()
+    pg = join_sync_group(spec, rank=0)
+    lookup = dict(named)
+    sent = sum(send_bucket(pg, [(m.name, lookup[m.name]) for m in bucket]) for bucket in plan)
+    got = queue.get(timeout=60)
+    proc.join(timeout=30)
+    assert sent == sum(t.numel() * t.element_size() for _, t in named)
+    assert [n for n, _ in got] == [n for n, _ in named]
+    for (_, want), (_, have) in zip(named, got):
+        assert have.dtype == want.dtype and torch.equal(have, want)
+    compare_checksums(layer_checksums(named), layer_checksums(got), who="receiver")
+
+
+def test_checksum_mismatch_names_actor_and_layer():
+    named = _named_tensors()
+    bad = [(n, t + 1 if n.startswith("model.layers.1") else t) for n, t in named]
+    with pytest.raises(RuntimeError, match=r"rollout-1: layer 'model.layers.1'"):
+        compare_checksums(layer_checksums(named), layer_checksums(bad), who="rollout-1")
+
+
+def test_layer_of_groups_fused_and_unfused_names():
+    assert layer_of("model.layers.3.self_attn.qkv_proj.weight") == "model.layers.3"
+    assert layer_of("model.layers.3.self_attn.q_proj.weight") == "model.layers.3"
+    assert layer_of("model.embed_tokens.weight") == "model.embed_tokens"
