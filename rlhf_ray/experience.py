@@ -1,0 +1,77 @@
+"""From scored rollouts to training experience: KL, advantages and returns for each algorithm."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_ray.algorithms import (
+    broadcast_sequence_advantage,
+    gae_advantages,
+    grpo_advantages,
+    kl_estimate,
+    masked_mean,
+    masked_whiten,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    token_level_rewards,
+)
+from rlhf_ray.config import AlgorithmConfig
+
+
+@torch.no_grad()
+def make_experience(
+    batch: dict[str, torch.Tensor],
+    scores: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor | None,
+    algo: AlgorithmConfig,
+    kl_coef: float,
+    group_size: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Add advantages (and returns, for PPO) to a collated batch.
+
+    batch: `protocol.collate` output; its response_mask [N, R] marks response tokens.
+    scores: [N] combined reward per sequence (masked rows already 0 with `valid` handled by caller).
+    old_logprobs, ref_logprobs: [N, R] learner and reference log-probs of the sampled tokens, nats.
+    values: [N, R] critic values (PPO only), else None.
+    kl_coef: current KL coefficient. group_size: samples per prompt (rows of a group are contiguous).
+    Returns (experience, metrics): experience = batch + old_logprobs, ref_logprobs, advantages
+    [N, R] (+ returns, old_values for PPO; + kl_coef for KL-in-loss); metrics in nats.
+    """
+    mask = batch["response_mask"]
+    kl = kl_estimate(old_logprobs, ref_logprobs, algo.kl.estimator) * mask
+    kl_per_seq = kl.sum(-1)
+    in_reward = algo.kl.placement == "reward"
+    rewards = token_level_rewards(scores, kl, mask, kl_coef if in_reward else 0.0)
+    exp = dict(batch, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
+
+    if algo.name == "ppo":
+        if values is None:
+            raise ValueError("algorithm.name=ppo needs critic values")
+        advantages, returns = gae_advantages(rewards, values, mask, algo.gamma, algo.lam)
+        exp.update(returns=returns, old_values=values)
+        if algo.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+    elif algo.name == "reinforce_pp":
+        advantages = reinforce_pp_advantages(rewards, mask, algo.gamma)
+    else:
+        # Group baselines work on sequence rewards; a KL in the reward enters as its per-sequence sum.
+        seq_rewards = rewards.sum(-1)
+        if algo.name == "grpo":
+            seq_adv = grpo_advantages(seq_rewards, group_size, algo.grpo_normalize_std)
+        else:
+            seq_adv = rloo_advantages(seq_rewards, group_size)
+        advantages = broadcast_sequence_advantage(seq_adv, mask)
+    exp["advantages"] = advantages * mask
+    exp["kl_coef"] = torch.tensor(0.0 if in_reward else kl_coef)
+
+    metrics = {
+        "kl/mean": float(kl_per_seq.mean()),
+        "kl/per_token": float(masked_mean(kl, mask)),
+        "kl/coef": float(kl_coef),
+        "train/advantage_mean": float(masked_mean(advantages, mask)),
+    }
+    if values is not None:
+        metrics["train/value_mean"] = float(masked_mean(values, mask))
+    return exp, metrics

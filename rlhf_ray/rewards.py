@@ -1,0 +1,106 @@
+"""Rule-based reward functions: loading by dotted path, calling with guards, combining with model scores.
+
+A reward function has the signature `fn(prompt: str, response: str, row: dict) -> float` and
+is named in the config as `package.module:function`. Nothing else is ever imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from rlhf_ray.synthetic import hidden_score
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[str, str, dict], float]
+_PATH_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function is misnamed, or raised/returned garbage; the message names it and the row."""
+
+
+def load_reward_fn(path: str) -> RewardFn:
+    """Import `package.module:function`; errors name the path and what is wrong."""
+    if not _PATH_RE.match(path):
+        raise RewardFunctionError(
+            f"reward function {path!r} is not a dotted path of the form 'package.module:function'"
+        )
+    module_name, fn_name = path.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise RewardFunctionError(f"reward function {path!r}: cannot import module {module_name!r}: {err}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise RewardFunctionError(f"reward function {path!r}: module {module_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def _as_finite_float(value: Any, path: str, row_index: int) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RewardFunctionError(
+            f"reward function {path!r} returned {type(value).__name__} {value!r} for row {row_index}; "
+            "it must return a finite float"
+        )
+    value = float(value)
+    if not math.isfinite(value) or abs(value) > 1e6:
+        raise RewardFunctionError(
+            f"reward function {path!r} returned {value!r} for row {row_index}; it must return a finite float "
+            "with |value| <= 1e6"
+        )
+    return value
+
+
+@dataclass
+class RuleScores:
+    """Scores of one rule function over a batch; `valid[i]` is False where every try failed."""
+
+    scores: list[float]
+    valid: list[bool]
+    errors: list[str]
+
+
+def call_rule(
+    fn: RewardFn, path: str, prompts: list[str], responses: list[str], rows: list[dict], retries: int
+) -> RuleScores:
+    """Call `fn` per row with up to `retries` retries; a row that still fails is marked invalid, never NaN."""
+    scores, valid, errors = [], [], []
+    for i, (p, r, row) in enumerate(zip(prompts, responses, rows, strict=True)):
+        last = ""
+        for _ in range(retries + 1):
+            try:
+                scores.append(_as_finite_float(fn(p, r, row), path, i))
+                valid.append(True)
+                break
+            except RewardFunctionError as err:
+                last = str(err)
+            except Exception as err:  # a user function may raise anything; we name it and the row
+                last = f"reward function {path!r} raised {type(err).__name__}: {err} on row {i}"
+        else:
+            scores.append(0.0)
+            valid.append(False)
+            errors.append(last)
+            log.warning(last)
+    return RuleScores(scores, valid, errors)
+
+
+# ---------------------------------------------------------------- built-in rule rewards
+
+
+def hidden_rule(prompt: str, response: str, row: dict) -> float:
+    """The demo's hidden preference rule as a verifiable reward (see rlhf_ray.synthetic)."""
+    return hidden_score(prompt, response)
+
+
+def exact_answer(prompt: str, response: str, row: dict) -> float:
+    """1.0 if the first number in the response equals row['answer'], else 0.0."""
+    if "answer" not in row:
+        raise RewardFunctionError("exact_answer needs an 'answer' field in the dataset row")
+    m = re.search(r"-?\d+", response)
+    return 1.0 if m and m.group(0) == str(row["answer"]).strip() else 0.0

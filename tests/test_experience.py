@@ -1,0 +1,49 @@
+"""make_experience composes KL, rewards and advantages as each algorithm defines them."""
+
+import torch
+
+from rlhf_ray.config import AlgorithmConfig, KLConfig
+from rlhf_ray.experience import make_experience
+
+
+def _batch(n=4, r=5):
+    lengths = [5, 3, 1, 4][:n]
+    mask = torch.zeros(n, r)
+    for i, l in enumerate(lengths):
+        mask[i, :l] = 1
+    return {"response_mask": mask}
+
+
+def test_grpo_with_kl_in_loss_uses_raw_group_scores():
+    g = torch.Generator().manual_seed(0)
+    batch = _batch()
+    logp, ref = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    scores = torch.tensor([1.0, 0.0, 3.0, 3.0])
+    algo = AlgorithmConfig(name="grpo", kl=KLConfig(placement="loss", estimator="k3"))
+    exp, metrics = make_experience(batch, scores, logp, ref, None, algo, kl_coef=0.1, group_size=2)
+    # group 0: scores (1, 0): mean .5, std .7071 -> (+.7071, -.7071); group 1 equal -> 0
+    want = [0.5 / (0.5**0.5 + 1e-6), -0.5 / (0.5**0.5 + 1e-6), 0.0, 0.0]
+    for i in range(4):
+        row = exp["advantages"][i]
+        m = batch["response_mask"][i].bool()
+        assert torch.allclose(row[m], torch.full_like(row[m], want[i]), atol=1e-5)
+        assert torch.all(row[~m] == 0)
+    assert abs(float(exp["kl_coef"]) - 0.1) < 1e-7
+    # kl/mean is the per-sequence sum of k3 under the mask, averaged over rows
+    lr = logp - ref
+    k3 = (torch.exp(-lr) - 1 + lr) * batch["response_mask"]
+    assert abs(metrics["kl/mean"] - float(k3.sum(-1).mean())) < 1e-5
+
+
+def test_ppo_with_kl_in_reward_matches_hand_loop():
+    batch = _batch(n=1, r=3)
+    batch["response_mask"][0] = torch.tensor([1.0, 1.0, 0.0])
+    logp = torch.tensor([[-1.0, -2.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.25, 9.0]])
+    algo = AlgorithmConfig(name="ppo", gamma=1.0, lam=1.0, whiten_advantages=False, kl=KLConfig(estimator="k1"))
+    exp, _ = make_experience(batch, torch.tensor([2.0]), logp, ref, values, algo, kl_coef=0.1, group_size=1)
+    # rewards: t0 = -0.1*0.5 = -0.05; t1 = -0.1*(-1.0) + 2 = 2.1. gamma=lam=1: A_t = sum r_{>=t} - V_t
+    assert torch.allclose(exp["advantages"][0], torch.tensor([2.05 - 0.5, 2.1 - 0.25, 0.0]), atol=1e-6)
+    assert torch.allclose(exp["returns"][0], torch.tensor([2.05, 2.1, 0.0]), atol=1e-6)
+    assert float(exp["kl_coef"]) == 0.0
