@@ -11,9 +11,12 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from rlhf_ray.synthetic import hidden_score
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +107,32 @@ def exact_answer(prompt: str, response: str, row: dict) -> float:
         raise RewardFunctionError("exact_answer needs an 'answer' field in the dataset row")
     m = re.search(r"-?\d+", response)
     return 1.0 if m and m.group(0) == str(row["answer"]).strip() else 0.0
+
+
+class RewardNormalizer:
+    """Optional running mean/std normalisation of sequence rewards (Welford over all rewards seen).
+
+    Disabled, it returns its input unchanged. Its state is plain floats, saved in checkpoints.
+    """
+
+    def __init__(self, enabled: bool, eps: float = 1e-6):
+        self.enabled, self.eps = enabled, eps
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def __call__(self, scores: "torch.Tensor") -> "torch.Tensor":
+        """scores: [N] rewards; returns [N], normalised with statistics that include this batch."""
+        if not self.enabled:
+            return scores
+        for x in scores.double().tolist():
+            self.count += 1
+            delta = x - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (x - self.mean)
+        std = math.sqrt(self.m2 / max(self.count - 1, 1))
+        return (scores - self.mean) / (std + self.eps)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])

@@ -1,0 +1,67 @@
+"""Rule-based rewards: dotted-path loading, guards against bad returns, retries, normalisation."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf_ray.rewards import RewardFunctionError, RewardNormalizer, call_rule, exact_answer, hidden_rule, load_reward_fn
+from rlhf_ray.synthetic import hidden_score, label_pairs, win_rate
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("os.system", "not a dotted path of the form 'package.module:function'"),
+        ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+        ("reward_fns:missing", "module 'reward_fns' has no function 'missing'"),
+    ],
+)
+def test_load_errors_name_the_path(path, message):
+    with pytest.raises(RewardFunctionError, match=message):
+        load_reward_fn(path)
+
+
+def test_exception_rows_are_masked_and_named():
+    fn = load_reward_fn("reward_fns:raises_on_odd")
+    rows = [{"i": i} for i in range(4)]
+    out = call_rule(fn, "reward_fns:raises_on_odd", ["p"] * 4, ["r"] * 4, rows, retries=1)
+    assert out.valid == [True, False, True, False]
+    assert out.scores == [1.0, 0.0, 1.0, 0.0]
+    assert "reward_fns:raises_on_odd' raised KeyError" in out.errors[0] and "row 1" in out.errors[0]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), None, 1e30, "0.5", [1.0], True])
+def test_bad_return_values_are_masked(value):
+    out = call_rule(load_reward_fn("reward_fns:returns_bad"), "reward_fns:returns_bad", ["p"], ["r"], [{"value": value}], 0)
+    assert out.valid == [False] and out.scores == [0.0]
+    assert "reward_fns:returns_bad" in out.errors[0] and "row 0" in out.errors[0]
+    assert all(math.isfinite(s) for s in out.scores)
+
+
+def test_retry_recovers_a_flaky_function():
+    out = call_rule(load_reward_fn("reward_fns:flaky_once"), "f", ["p"] * 2, ["r"] * 2, [{"i": 10}, {"i": 11}], retries=1)
+    assert out.valid == [True, True] and out.scores == [2.0, 2.0]
+
+
+def test_builtin_rules():
+    assert exact_answer("What is 3 plus 4?", " 7 because", {"answer": "7"}) == 1.0
+    assert exact_answer("What is 3 plus 4?", "8", {"answer": "7"}) == 0.0
+    assert hidden_rule("Describe the river.", "The river is calm , quiet and old .", {}) == 2.0
+    assert hidden_score("Describe the river.", "The river is dark , dark and old .") == -3.0  # -2 disliked, -1 repeat
+    assert hidden_score("Describe the river.", "The city is calm , quiet and old .") == -3.0  # wrong subject
+
+
+def test_noisy_labels_and_win_rate():
+    pairs = [("Describe the river.", "The river is calm , calm and new .", "The river is dark , cold and new .")] * 200
+    rows = label_pairs(pairs, noise=0.1, seed=0)
+    flipped = sum(r["chosen"].startswith("The river is dark") for r in rows) / len(rows)
+    assert 0.05 < flipped < 0.16
+    assert win_rate(["Describe the river."], ["The river is calm , quiet and new ."], ["The river is old , new and large ."]) == 1.0
+
+
+def test_normalizer_matches_batch_statistics():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = RewardNormalizer(True)(x)
+    assert torch.allclose(out, (x - x.mean()) / x.std(), atol=1e-5)
+    assert torch.equal(RewardNormalizer(False)(x), x)
