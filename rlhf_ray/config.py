@@ -158,6 +158,14 @@ class DatasetConfig(Section):
     few_shot_path: str = Field("", description="Pool of solved examples for few-shot templates.")
     on_error: Literal["error", "skip"] = "error"
     max_skip_fraction: float = Field(0.1, ge=0, le=1)
+    split: str = Field("train", description="Split to read when `path` names a `datasets` hub dataset.")
+    messages_field: str = Field("messages", description="Chat turns [{role, content}]; used instead of prompt_field.")
+    response_field: str = Field("response", description="SFT target text.")
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    answer_field: str = Field("answer", description="Ground truth for rule rewards and few-shot examples.")
+    require_answer: bool = Field(False, description="Every prompt row must carry answer_field (rule rewards).")
+    system_prompt: str = Field("", description="System message for the chat template; empty adds none.")
 
 
 class DataConfig(Section):
@@ -178,6 +186,16 @@ class TrainConfig(Section):
     output_dir: str = "runs"
     run_name: str = ""
     seed: int = 0
+
+
+class SupervisedConfig(Section):
+    """A supervised stage (pretraining, SFT or reward-model training) on the learner group."""
+
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, ge=1, description="Sequences (or pairs) per optimizer step, all ranks together.")
+    max_len: int = Field(256, gt=0, description="Tokens per training sequence; longer rows are an error.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Rows held out for evaluation.")
 
 
 class TrackingConfig(Section):
@@ -221,6 +239,8 @@ class RunConfig(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    sft: SupervisedConfig = Field(default_factory=SupervisedConfig)
+    rm: SupervisedConfig = Field(default_factory=SupervisedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
@@ -251,6 +271,8 @@ class RunConfig(Section):
                 f"rollout.sampling.max_new_tokens={self.rollout.sampling.max_new_tokens} leaves no room "
                 f"for a prompt in model.max_model_len={self.model.max_model_len}"
             )
+        if self.train.async_mode and self.train.max_staleness < 1:
+            raise ValueError("train.async_mode=true generates one step ahead: set train.max_staleness >= 1")
         if self.weight_sync.backend in ("nccl", "cuda_ipc") and self.learner.num_gpus_per_rank == 0:
             raise ValueError(
                 f"weight_sync.backend={self.weight_sync.backend} needs GPUs; "

@@ -1,0 +1,350 @@
+"""Load and validate a dataset file: every row checked once, at load time, before any training.
+
+Sources: a local `.jsonl` file, a local `.parquet` file (needs pyarrow), or any other string as a
+`datasets` hub name (needs `datasets` and network or a local HF cache). Three kinds of dataset:
+
+    prompt      RL and eval prompts: `prompt` text or `messages` ending with a user turn; every
+                other field (e.g. `answer`) is kept, since reward functions receive the whole row
+    sft         `prompt` + `response`, or `messages` ending with an assistant turn
+    preference  `prompt` (or `messages`) + `chosen` + `rejected`
+
+A bad row raises `DataError("file:line: field 'x': what (fix: how)")` under `on_error: error`, or
+is skipped and counted by reason under `on_error: skip`. A file where every row is bad, or where
+too many are skipped, or with fewer rows than one batch, is always an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Literal
+
+from rlhf_ray.config import DatasetConfig
+from rlhf_ray.prompts import (
+    RowError,
+    TemplateError,
+    check_messages,
+    check_template,
+    encode_prompt,
+    example_rng,
+    format_prompt,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["prompt", "sft", "preference"]
+Record = tuple[str, dict[str, Any] | RowError]  # (where, row or why it is not one)
+
+
+class DataError(ValueError):
+    """A dataset that cannot be trained on; the message names the file, row, field and the fix."""
+
+
+@dataclass
+class Dataset:
+    """The valid rows of one source, with their formatted and tokenized prompts.
+
+    rows: for `prompt`, each row as loaded (all fields, for reward functions); for `sft`,
+    {prompt, response}; for `preference`, {prompt, chosen, rejected} — `prompt` there is already
+    formatted by the template. `prompts[i]` is row i's formatted prompt, `prompt_ids[i]` its tokens.
+    """
+
+    source: str
+    kind: Kind
+    rows: list[dict[str, Any]]
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    skipped: Counter[str] = field(default_factory=Counter)  # reason -> rows skipped
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_records(path: str, split: str = "train") -> Iterator[Record]:
+    """Every record of a source as (where, row) or (where, RowError); blank JSONL lines are not records."""
+    if not path:
+        raise DataError("dataset path is empty (fix: set `path` of this dataset to a .jsonl/.parquet file)")
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix == ".jsonl":
+            return _read_jsonl(p)
+        if p.suffix == ".parquet":
+            return _read_parquet(p)
+        raise DataError(f"{path}: unsupported file type {p.suffix!r} (fix: convert it to .jsonl or .parquet)")
+    if p.suffix in (".jsonl", ".parquet", ".json") or path.startswith((".", "/", "~")) or p.exists():
+        raise DataError(f"{path}: no such file (fix: check the path; it is read relative to {Path.cwd()})")
+    return _read_hub(path, split)
+
+
+def _read_jsonl(path: Path) -> Iterator[Record]:
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            if not raw.strip():
+                continue
+            if b"\x00" in raw:
+                yield where, RowError("", "NUL byte in the line",
+                                      "remove it; a file full of NUL bytes is likely UTF-16: re-encode it as UTF-8",
+                                      "nul_byte")
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, RowError("", f"invalid UTF-8 at byte offset {err.start}", "re-encode the file as UTF-8",
+                                      "invalid_utf8")
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                yield where, RowError("", f"invalid JSON: {err.msg} at column {err.colno}",
+                                      "write one JSON object per line", "invalid_json")
+                continue
+            if not isinstance(row, dict):
+                yield where, RowError("", f"expected a JSON object, got {type(row).__name__}",
+                                      "write one JSON object per line", "wrong_type")
+                continue
+            yield where, row
+
+
+def _read_parquet(path: Path) -> Iterator[Record]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(
+            f"{path}: reading Parquet needs pyarrow, which is not installed "
+            "(fix: `pip install pyarrow`, or convert the file to .jsonl)"
+        ) from None
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file: {err} (fix: rewrite it, or convert it to .jsonl)") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path}:row {i}", row
+
+
+def _read_hub(name: str, split: str) -> Iterator[Record]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{name}: not a local file, and reading it as a hub dataset needs `datasets`, which is not "
+            "installed (fix: `pip install datasets`, or point `path` to a local .jsonl/.parquet file)"
+        ) from None
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as err:  # offline, unknown name, unknown split: datasets raises many types
+        raise DataError(
+            f"{name}: not a local file and could not be loaded as a hub dataset (split {split!r}): "
+            f"{type(err).__name__}: {err} (fix: check the name and split, or download it to a local "
+            ".jsonl/.parquet file)"
+        ) from None
+    for i, row in enumerate(ds):
+        yield f"{name}[{split}]:row {i}", row
+
+
+# ---------------------------------------------------------------- row checks
+
+
+def check_strings(value: Any, where: str) -> None:
+    """Every string in a row, however nested, must be NUL-free valid UTF-8 (no lone surrogates)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise RowError(where, "contains a NUL character", "remove the NUL characters", "nul_byte")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RowError(where, "invalid UTF-8 (a lone surrogate escape such as \\ud800)",
+                           "re-encode the text as valid UTF-8", "invalid_utf8") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_strings(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_strings(v, f"{where}[{i}]")
+
+
+def check_text(row: dict[str, Any], name: str, fix_missing: str = "") -> str:
+    """row[name] as a non-empty string, or a `RowError` naming the field."""
+    if name not in row or row[name] is None:
+        raise RowError(name, "missing", fix_missing or f"give every row a '{name}' string", "missing_field")
+    value = row[name]
+    if not isinstance(value, str):
+        raise RowError(name, f"expected a string, got {type(value).__name__} {value!r:.40}",
+                       f"make '{name}' a string", "wrong_type")
+    if not value.strip():
+        raise RowError(name, "empty or whitespace-only", f"give '{name}' some text or remove the row", "empty_text")
+    return value
+
+
+def check_answer(row: dict[str, Any], cfg: DatasetConfig, required: bool) -> None:
+    """The ground truth, if present (or required), is a non-empty string or a number."""
+    value = row.get(cfg.answer_field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise RowError(cfg.answer_field, "missing ground truth, which the rule reward needs",
+                           f"give every row an '{cfg.answer_field}', or set require_answer: false",
+                           "missing_answer")
+        return
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise RowError(cfg.answer_field, f"expected a string or number, got {type(value).__name__}",
+                       f"make '{cfg.answer_field}' a string or number", "wrong_type")
+
+
+def check_prompt(row: dict[str, Any], cfg: DatasetConfig) -> None:
+    """A row's prompt is its messages (ending with a user turn) or, without messages, its text."""
+    if cfg.messages_field in row:
+        check_messages(row[cfg.messages_field], cfg.messages_field, last_role="user")
+    else:
+        check_text(row, cfg.prompt_field, f"give every row a '{cfg.prompt_field}' string or a "
+                                          f"'{cfg.messages_field}' list")
+
+
+def check_solved(row: dict[str, Any], cfg: DatasetConfig) -> None:
+    """A few-shot example: a prompt text and its answer."""
+    check_strings(row, "")
+    check_text(row, cfg.prompt_field)
+    check_answer(row, cfg, required=True)
+
+
+def split_sft(row: dict[str, Any], cfg: DatasetConfig) -> tuple[dict[str, Any], str]:
+    """(prompt part, response text) of an SFT row."""
+    if cfg.messages_field in row:
+        messages = check_messages(row[cfg.messages_field], cfg.messages_field, last_role="assistant")
+        if len(messages) < 2:
+            raise RowError(cfg.messages_field, "only an assistant turn, no prompt",
+                           "put a user turn before the assistant's", "bad_messages")
+        check_messages(messages[:-1], cfg.messages_field, last_role="user")
+        return {cfg.messages_field: messages[:-1]}, messages[-1]["content"]
+    check_prompt(row, cfg)
+    return row, check_text(row, cfg.response_field)
+
+
+def validate_row(row: dict[str, Any], kind: Kind, cfg: DatasetConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """Check one row of `kind`; returns (the part that becomes the prompt, the target texts).
+
+    Targets are {} for prompt rows, {response} for SFT rows and {chosen, rejected} for preference rows.
+    """
+    check_strings(row, "")
+    if kind == "prompt":
+        check_answer(row, cfg, cfg.require_answer)
+        check_prompt(row, cfg)
+        return row, {}
+    if kind == "sft":
+        source, response = split_sft(row, cfg)
+        return source, {"response": response}
+    chosen, rejected = check_text(row, cfg.chosen_field), check_text(row, cfg.rejected_field)
+    if chosen.strip() == rejected.strip():
+        raise RowError(cfg.rejected_field, f"equal to '{cfg.chosen_field}', so the pair carries no preference",
+                       "remove the row or give it a different rejected response", "chosen_equals_rejected")
+    check_prompt(row, cfg)
+    return row, {"chosen": chosen, "rejected": rejected}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_pool(cfg: DatasetConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Solved examples for few-shot templates: `few_shot_path` if set (every row must be valid),
+    else the dataset's own rows that carry a prompt text and an answer."""
+    if cfg.template not in ("few_shot", "cot") or cfg.few_shot_k == 0:
+        return []
+    if not cfg.few_shot_path:
+        return [r for r in rows if _is_solved(r, cfg)]
+    pool = []
+    for where, row in read_records(cfg.few_shot_path, cfg.split):
+        try:
+            if isinstance(row, RowError):
+                raise row
+            check_solved(row, cfg)
+        except RowError as err:
+            raise DataError(f"{where}: {err}") from None
+        pool.append(row)
+    return pool
+
+
+def _is_solved(row: dict[str, Any], cfg: DatasetConfig) -> bool:
+    try:
+        check_solved(row, cfg)
+    except RowError:
+        return False
+    return True
+
+
+def load_dataset(
+    cfg: DatasetConfig,
+    kind: Kind,
+    tokenizer: PreTrainedTokenizerBase,
+    max_prompt_tokens: int | None = None,
+    min_rows: int = 1,
+    seed: int = 0,
+) -> Dataset:
+    """Read, validate, format and tokenize every row of `cfg.path`.
+
+    max_prompt_tokens: a formatted prompt of more tokens is a bad row (exactly this many is kept);
+    None disables the check. min_rows: fewer valid rows is an error (pass the batch size).
+    seed: seeds each question's few-shot draw (see `prompts.example_rng`).
+    """
+    try:
+        check_template(cfg, tokenizer)
+    except TemplateError as err:
+        raise DataError(f"{cfg.path}: {err}") from None
+    records = list(read_records(cfg.path, cfg.split))
+    if not records:
+        raise DataError(f"{cfg.path}: no rows (fix: point `path` to a file with at least {min_rows} rows)")
+    pool = load_pool(cfg, [r for _, r in records if isinstance(r, dict)])
+
+    rows, prompts, prompt_ids = [], [], []
+    skipped: Counter[str] = Counter()
+    first_error = ""
+    for where, row in records:
+        try:
+            if isinstance(row, RowError):
+                raise row
+            source, targets = validate_row(row, kind, cfg)
+            question = str(source.get(cfg.prompt_field, ""))
+            text = format_prompt(source, cfg, tokenizer, pool, example_rng(seed, question))
+            ids = encode_prompt(text, tokenizer)
+            if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+                raise RowError(cfg.messages_field if cfg.messages_field in row else cfg.prompt_field,
+                               f"the formatted prompt has {len(ids)} tokens, over the limit of {max_prompt_tokens}",
+                               "shorten the prompt, or raise model.max_model_len / lower max_new_tokens",
+                               "prompt_too_long")
+        except RowError as err:
+            if cfg.on_error == "error":
+                raise DataError(f"{where}: {err}") from None
+            skipped[err.reason] += 1
+            first_error = first_error or f"{where}: {err}"
+            continue
+        rows.append(row if kind == "prompt" else {"prompt": text, **targets})
+        prompts.append(text)
+        prompt_ids.append(ids)
+
+    total = len(records)
+    counts = ", ".join(f"{reason}={n}" for reason, n in skipped.most_common())
+    if not rows:
+        raise DataError(f"{cfg.path}: every one of its {total} rows is bad ({counts}); first: {first_error}")
+    # Division, not fraction × total: 29/100 rounds to the same float as 0.29, 0.29 × 100 does not.
+    if sum(skipped.values()) / total > cfg.max_skip_fraction:
+        raise DataError(
+            f"{cfg.path}: skipped {sum(skipped.values())} of {total} rows ({counts}), more than "
+            f"max_skip_fraction={cfg.max_skip_fraction}; first: {first_error} "
+            "(fix: repair the rows, or raise max_skip_fraction)"
+        )
+    if len(rows) < min_rows:
+        raise DataError(
+            f"{cfg.path}: {len(rows)} valid rows, fewer than one batch of {min_rows} "
+            "(fix: add rows or lower the batch size, e.g. train.prompts_per_step)"
+        )
+    if skipped:
+        log.warning("%s: skipped %d of %d rows (%s)", cfg.path, sum(skipped.values()), total, counts)
+    return Dataset(cfg.path, kind, rows, prompts, prompt_ids, skipped)
