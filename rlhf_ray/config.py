@@ -239,6 +239,7 @@ class RunConfig(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    pretrain: SupervisedConfig = Field(default_factory=SupervisedConfig)
     sft: SupervisedConfig = Field(default_factory=SupervisedConfig)
     rm: SupervisedConfig = Field(default_factory=SupervisedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
