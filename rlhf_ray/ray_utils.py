@@ -56,7 +56,9 @@ def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, tim
         try:
             out.append(ray.get(ref))
         except ray.exceptions.RayActorError as err:
-            errors.append(f"{name} died ({type(err).__name__})")
+            # The last line of Ray's message is the cause, e.g. the exception raised in __init__.
+            cause = ([line for line in str(err).splitlines() if line.strip()] or [""])[-1].strip()
+            errors.append(f"{name} died ({type(err).__name__}: {cause})")
         except ray.exceptions.RayTaskError as err:
             # An exception raised by our own code inside the actor: keep its type and message.
             raise err.as_instanceof_cause() from None

@@ -1,0 +1,260 @@
+"""The rollout actor: one vLLM engine that generates samples with their log-probs and takes new weights.
+
+Log-probs. The engine runs with `logprobs_mode="processed_logprobs"`: each returned log-prob is
+log_softmax(logits / temperature) after top-k/top-p, i.e. the log-probability of the token under
+the distribution it was actually drawn from. With top-k and top-p disabled (the default) this
+equals the learner's `log_softmax(logits / temperature)` at the same token; with them enabled it
+is the truncated, renormalised behaviour distribution that importance weights need. vLLM's
+default ("raw_logprobs") would instead report temperature-1 log-probs whatever the temperature.
+At temperature 0 (greedy) vLLM reports the temperature-1 log-probs.
+
+Seeds. Every prompt gets its own sampling seed derived from (base seed, step, prompt_id), so a
+prompt's samples do not depend on which actor serves it or what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+
+import torch
+
+from rlhf_ray.config import ModelConfig, RolloutConfig, SamplingConfig
+from rlhf_ray.protocol import Sample
+
+log = logging.getLogger(__name__)
+
+Request = tuple[int, list[int]]  # (prompt_id, prompt token ids)
+
+
+def check_requests(
+    requests: list[Request], max_new_tokens: int, max_model_len: int, truncate: bool
+) -> list[Request]:
+    """Validate a batch before anything is generated; returns it, left-truncated where allowed.
+
+    Raises ValueError naming the offending prompt_id for an empty prompt, or for one whose
+    length + max_new_tokens exceeds max_model_len (unless `truncate`, which keeps its last tokens).
+    """
+    if not requests:
+        raise ValueError("no prompts to generate from: the request list is empty")
+    room = max_model_len - max_new_tokens
+    if room < 1:
+        raise ValueError(
+            f"sampling.max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+            f"model.max_model_len={max_model_len}; lower max_new_tokens or raise max_model_len"
+        )
+    checked, truncated = [], []
+    for prompt_id, ids in requests:
+        if not ids:
+            raise ValueError(f"prompt {prompt_id} is empty (0 tokens)")
+        if len(ids) > room:
+            if not truncate:
+                raise ValueError(
+                    f"prompt {prompt_id} has {len(ids)} tokens; with sampling.max_new_tokens={max_new_tokens} "
+                    f"that exceeds model.max_model_len={max_model_len} (at most {room} prompt tokens). "
+                    "Shorten it, or set rollout.truncate_prompts=true to keep its last tokens"
+                )
+            truncated.append(f"{prompt_id} ({len(ids)} -> {room})")
+            ids = ids[-room:]
+        checked.append((prompt_id, list(ids)))
+    if truncated:
+        log.warning("left-truncated %d prompt(s) to fit max_model_len: %s", len(truncated), ", ".join(truncated))
+    return checked
+
+
+def request_seed(base_seed: int, prompt_id: int, step: int) -> int:
+    """The sampling seed of one prompt. vLLM seeds its i-th sample with seed + i, so stay below 2**31 - 2**16."""
+    digest = hashlib.blake2b(f"{base_seed}/{step}/{prompt_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**31 - 2**16)
+
+
+def _reload_weights(worker, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+    worker.model_runner.reload_weights(weights_iterator=iter(named_tensors))
+
+
+def _weight_groups(worker) -> dict[str, str]:
+    """HF tensor name -> the vLLM module it loads into (e.g. q_proj.bias -> qkv_proj).
+
+    Covers modules whose names map one-to-one or through the model's packed (fused) modules;
+    tensors of models that rename more than that are not listed and go to vLLM unchecked.
+    """
+    model = worker.model_runner.get_model()
+    packed = getattr(model, "packed_modules_mapping", {})
+    groups = {}
+    for module_name, module in model.named_modules():
+        params = [name for name, _ in module.named_parameters(recurse=False)]
+        parent, _, leaf = module_name.rpartition(".")
+        for source in packed.get(leaf, [leaf]):
+            prefix = f"{parent}.{source}" if parent else source
+            groups.update({f"{prefix}.{p}": module_name for p in params})
+    return groups
+
+
+def _packed_linear_sum(module: torch.nn.Module, block: int = 1024) -> float:
+    """Sum of a CPU linear layer's weight, read back through its packed kernel.
+
+    On CPU vLLM repacks linear weights for oneDNN and drops `weight`; multiplying identity rows
+    (x = e_i) returns W[:, i] exactly, so this checks the weights the engine really computes with.
+    """
+    k = module.input_size_per_partition
+    total = 0.0
+    for start in range(0, k, block):
+        rows = min(block, k - start)
+        eye = torch.zeros(rows, k, dtype=module.weight.dtype)
+        eye[torch.arange(rows), start + torch.arange(rows)] = 1.0
+        total += float(module.cpu_linear(eye, None, None).double().sum())
+    return total
+
+
+def _parameter_sums(worker) -> dict[str, float]:
+    sums = {}
+    for module_name, module in worker.model_runner.get_model().named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if param.numel() == 0 and param_name == "weight" and hasattr(module, "cpu_linear"):
+                sums[name] = _packed_linear_sum(module)
+            else:
+                sums[name] = float(param.detach().double().sum())
+    return sums
+
+
+class RolloutActor:
+    """Owns one `vllm.LLM` (tensor_parallel_size workers) and serves generation for the pool.
+
+    A plain class: `RolloutPool` wraps it with `ray.remote` and its options at creation. Calls
+    run one at a time, so a weight update never overlaps a generation.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, name: str = "rollout-0"):
+        # In-process engine: collective_rpc then calls our functions on the worker in this process.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM, SamplingParams
+
+        self.name = name
+        self.model_cfg, self.cfg = model_cfg, rollout_cfg
+        on_cpu = rollout_cfg.num_gpus_per_actor == 0
+        extra = {}
+        if on_cpu:
+            # Not VLLM_CPU_KVCACHE_SPACE: vLLM parses it as whole GiB and it overrides this argument.
+            extra["kv_cache_memory_bytes"] = int(rollout_cfg.kv_cache_space_gib * 2**30)
+        elif rollout_cfg.tensor_parallel_size > 1:
+            extra["distributed_executor_backend"] = "ray"  # workers go into the pool's placement group
+        self.llm = LLM(
+            model=model_cfg.policy_path,
+            dtype=model_cfg.dtype,
+            max_model_len=model_cfg.max_model_len,
+            trust_remote_code=model_cfg.trust_remote_code,
+            tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+            gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+            enforce_eager=on_cpu,
+            seed=rollout_cfg.seed,
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",  # sampling comes from SamplingConfig only, never the checkpoint
+            **extra,
+        )
+        # One short sampled generation now, so one-off kernel set-up is not billed to the first rollout.
+        warmup = SamplingParams(n=2, max_tokens=2, logprobs=0, seed=0, detokenize=False)
+        self.llm.generate([{"prompt_token_ids": [0]}], warmup, use_tqdm=False)
+        self._weight_groups = self.llm.collective_rpc(_weight_groups)[0]
+        self._version = 0
+        self._tokens_generated = 0
+        self._last_call_seconds = 0.0
+
+    def generate(self, requests: list[Request], sampling: SamplingConfig, step: int = 0) -> list[Sample]:
+        """n = sampling.n samples for each (prompt_id, prompt token ids) request.
+
+        Returns len(requests) * n samples, each prompt's samples contiguous with sample_idx 0..n-1;
+        `logprobs[t]` is the log-prob (nats) of response token t (see the module docstring).
+        `step` enters the seed when sampling.seed is None, so successive batches differ.
+        """
+        from vllm import SamplingParams
+
+        requests = check_requests(
+            requests, sampling.max_new_tokens, self.model_cfg.max_model_len, self.cfg.truncate_prompts
+        )
+        start = time.perf_counter()
+        base_seed, seed_step = (sampling.seed, 0) if sampling.seed is not None else (self.cfg.seed, step)
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                max_tokens=sampling.max_new_tokens,
+                stop=sampling.stop or None,
+                seed=request_seed(base_seed, prompt_id, seed_step),
+                logprobs=0,  # only the sampled token's log-prob
+                detokenize=bool(sampling.stop),  # stop strings need text; otherwise ids suffice
+            )
+            for prompt_id, _ in requests
+        ]
+        prompts = [{"prompt_token_ids": ids} for _, ids in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+
+        samples = []
+        for (prompt_id, ids), output in zip(requests, outputs, strict=True):
+            for completion in sorted(output.outputs, key=lambda c: c.index):
+                tokens = list(completion.token_ids)
+                samples.append(
+                    Sample(
+                        prompt_id=prompt_id,
+                        sample_idx=completion.index,
+                        prompt_ids=ids,
+                        response_ids=tokens,
+                        logprobs=[step_lp[t].logprob for step_lp, t in zip(completion.logprobs, tokens, strict=True)],
+                        finish_reason=completion.finish_reason,
+                        policy_version=self._version,
+                        actor_name=self.name,
+                    )
+                )
+        self._tokens_generated += sum(len(s.response_ids) for s in samples)
+        self._last_call_seconds = time.perf_counter() - start
+        return samples
+
+    def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load HF-named full tensors into the engine in place, then serve as policy `version`.
+
+        A subset of the parameters may be given, but every vLLM module it touches must be complete
+        (q/k/v_proj weights and biases together for the fused qkv_proj): vLLM re-processes a module
+        only once all of it has arrived in the same call, and a partial one comes out corrupted.
+        The version may not go backwards.
+        """
+        if version < self._version:
+            raise ValueError(f"{self.name}: weights of version {version} are older than the served {self._version}")
+        names = {name for name, _ in named_tensors}
+        touched = {self._weight_groups[n] for n in names if n in self._weight_groups}
+        missing = sorted(n for n, module in self._weight_groups.items() if module in touched and n not in names)
+        if missing:
+            raise ValueError(
+                f"{self.name}: update_weights would leave modules half-loaded; also send {', '.join(missing)} "
+                "in the same call"
+            )
+        self.llm.collective_rpc(_reload_weights, args=(named_tensors,))
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        self._version = version
+
+    def weight_checksums(self) -> dict[str, float]:
+        """float64 sum of every parameter the engine holds, keyed by vLLM's names (fused qkv_proj, gate_up_proj).
+
+        With tensor_parallel_size > 1 each rank's shard is reported under a `rank{r}/` prefix.
+        """
+        per_rank = self.llm.collective_rpc(_parameter_sums)
+        if len(per_rank) == 1:
+            return per_rank[0]
+        return {f"rank{r}/{name}": s for r, sums in enumerate(per_rank) for name, s in sums.items()}
+
+    def version(self) -> int:
+        return self._version
+
+    def tokens_generated(self) -> int:
+        """Response tokens generated since the actor started."""
+        return self._tokens_generated
+
+    def last_call_seconds(self) -> float:
+        """Wall-clock seconds of the last `generate` call inside this actor."""
+        return self._last_call_seconds
+
+    def ping(self) -> str:
+        return self.name

@@ -1,0 +1,226 @@
+"""Run tracking: Weights & Biases (offline by default), a local metrics.jsonl, console lines, secret masking.
+
+Every metric a run logs is named and documented, with its unit, in `METRICS`
+below (the README renders it with `metrics_markdown()`). `metrics.jsonl` in
+the run folder gets one JSON line per step whatever the backend, so a run can
+be read without W&B. Secrets never reach a run's files: the config is
+redacted before W&B sees it, W&B does not capture the console, and
+`SecretFilter` masks environment secrets in every log record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import wandb
+
+from rlhf_ray.config import REDACTED, SECRET_KEY_PATTERN, TrackingConfig, environment_secrets, redact
+
+
+METRICS: dict[str, str] = {
+    # rollout: what the vLLM actors generated
+    "rollout/tokens_per_s": "Response tokens generated per second of generation, all actors together (tokens/s).",
+    "rollout/response_len_mean": "Mean response length (tokens).",
+    "rollout/truncated_frac": "Fraction of responses stopped by max_new_tokens instead of EOS (0-1).",
+    "rollout/policy_version": "Oldest policy version among the step's samples (updates since start).",
+    "rollout/logprob_diff_mean": "Mean |vLLM - learner| log-prob of the sampled tokens (nats/token).",
+    "rollout/logprob_diff_max": "Largest |vLLM - learner| log-prob gap on any sampled token (nats).",
+    # reward: scores of the step's samples, before the KL penalty
+    "reward/mean": "Mean combined reward per sequence (reward units).",
+    "reward/std": "Standard deviation of the combined reward per sequence (reward units).",
+    "reward/model_mean": "Mean reward-model score (reward-model units).",
+    "reward/<function>_mean": "Mean score of each rule-based reward function, named by the function (its units).",
+    "reward/masked_rows": "Samples whose reward failed after retries and were masked out (count).",
+    # train: the learner update (means over the step's minibatches)
+    "train/policy_loss": "Clipped policy-gradient loss (nats-weighted advantage).",
+    "train/value_loss": "Critic value loss, PPO only (squared reward units).",
+    "train/clipfrac": "Fraction of tokens whose probability ratio was clipped (0-1).",
+    "train/approx_kl": "Approximate KL between the policy before and after the update (nats/token).",
+    "train/entropy": "Policy entropy on the response tokens (nats/token).",
+    "train/grad_norm": "Policy gradient norm before clipping (L2).",
+    "train/lr": "Policy learning rate at the step's last optimizer step (1).",
+    "train/skipped_steps": "Optimizer steps skipped for a non-finite loss or gradient norm (count).",
+    "train/advantage_mean": "Mean advantage over response tokens, before whitening (reward units).",
+    "train/value_mean": "Mean critic value over response tokens, PPO only (reward units).",
+    "train/loss": "Supervised stages (pretraining, SFT, reward model): training loss (nats/token or nats/pair).",
+    # kl: distance from the reference (SFT) policy
+    "kl/mean": "KL to the reference policy summed over a response, mean over samples (nats/sequence).",
+    "kl/per_token": "KL to the reference policy per response token (nats/token).",
+    "kl/coef": "KL penalty coefficient used this step (1/nats).",
+    # eval: held-out prompts or pairs, every train.eval_every steps
+    "eval/reward_mean": "Mean reward on the evaluation prompts (reward units).",
+    "eval/response_len_mean": "Mean response length on the evaluation prompts (tokens).",
+    "eval/loss": "Supervised stages: loss on the held-out rows (nats/token or nats/pair).",
+    "eval/accuracy": "Reward model: fraction of held-out pairs ranked chosen > rejected (0-1).",
+    # perf: throughput
+    "perf/sync_gb_per_s": "Weight broadcast bandwidth, learner rank 0 to all rollout workers (GB/s).",
+    "perf/samples_per_s": "Samples (prompt-response pairs) per second of the whole step (samples/s).",
+    # timing: wall-clock seconds per stage of a step
+    "timing/generate_s": "Generating the rollout batch (s).",
+    "timing/reward_s": "Scoring the samples (s).",
+    "timing/reference_s": "Reference-policy log-probs (s).",
+    "timing/logprobs_s": "Learner log-probs and critic values of the samples (s).",
+    "timing/update_s": "PPO epochs on the learner group (s).",
+    "timing/sync_s": "Broadcasting the new weights to the rollout actors (s).",
+    "timing/step_s": "The whole step (s).",
+}
+
+NAMESPACES = ("rollout", "reward", "train", "kl", "eval", "perf", "timing")
+
+# Shown on the console, in this order, when present: (metric, label, format).
+CONSOLE_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("reward/mean", "reward", ".4g"),
+    ("kl/mean", "kl", ".4g"),
+    ("train/policy_loss", "pg_loss", ".4g"),
+    ("train/value_loss", "vf_loss", ".4g"),
+    ("train/clipfrac", "clip", ".3f"),
+    ("train/lr", "lr", ".2e"),
+    ("rollout/response_len_mean", "len", ".1f"),
+    ("rollout/tokens_per_s", "tok/s", ".0f"),
+    ("timing/step_s", "step_s", ".2f"),
+)
+
+
+def metrics_markdown() -> str:
+    """`METRICS` as a Markdown table (for the README)."""
+    rows = [f"| `{name}` | {text} |" for name, text in METRICS.items()]
+    return "\n".join(["| metric | meaning (unit) |", "|---|---|", *rows])
+
+
+def console_line(step: int, total_steps: int, metrics: Mapping[str, float]) -> str:
+    """One line per step, e.g. `step 3/10 | reward 0.41 | kl 0.02 | ...`; step is 0-based, shown 1-based."""
+    parts = [f"step {step + 1}/{total_steps}"]
+    parts += [f"{label} {float(metrics[key]):{fmt}}" for key, label, fmt in CONSOLE_FIELDS if key in metrics]
+    return " | ".join(parts)
+
+
+class SecretFilter(logging.Filter):
+    """Masks secret values (environment secrets plus `extra`) in a log record's message and traceback."""
+
+    def __init__(self, extra: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.extra = {s for s in extra if len(s) >= 6}
+
+    def mask(self, text: str) -> str:
+        # Longest first, so a secret containing another is masked whole.
+        for secret in sorted(environment_secrets() | self.extra, key=len, reverse=True):
+            text = text.replace(secret, REDACTED)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call; the handler reports it, the filter must not raise into user code
+            return True
+        record.msg, record.args = self.mask(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.mask(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.mask(record.stack_info)
+        return True
+
+
+def install_secret_filter(extra: Iterable[str] = ()) -> SecretFilter:
+    """Put one `SecretFilter` on the root logger, its handlers and the last-resort handler.
+
+    A logger's filters see only records logged on that logger, not those propagated from
+    `logging.getLogger(__name__)` children, so the handlers need the filter too.
+    """
+    root = logging.getLogger()
+    found = [f for f in root.filters if isinstance(f, SecretFilter)]
+    secret_filter = found[0] if found else SecretFilter()
+    secret_filter.extra |= {s for s in extra if len(s) >= 6}
+    for target in [root, *root.handlers, logging.lastResort]:
+        if target is not None and secret_filter not in target.filters:
+            target.addFilter(secret_filter)
+    return secret_filter
+
+
+def _secret_values(obj: Any) -> set[str]:
+    """String values under secret-looking keys anywhere in a nested config dict."""
+    if isinstance(obj, dict):
+        found = set()
+        for k, v in obj.items():
+            if SECRET_KEY_PATTERN.search(str(k)) and isinstance(v, str):
+                found.add(v)
+            found |= _secret_values(v)
+        return found
+    if isinstance(obj, (list, tuple)):
+        return set().union(*map(_secret_values, obj))
+    return set()
+
+
+class Tracker:
+    """Logs a run's metrics to `run_dir/metrics.jsonl` and, with backend wandb, to a W&B run in `run_dir`."""
+
+    console_line = staticmethod(console_line)
+
+    def __init__(
+        self, cfg: TrackingConfig, run_dir: str | os.PathLike, run_name: str, config_dict: dict[str, Any]
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.secret_filter = install_secret_filter(_secret_values(config_dict))
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a")  # append: a resumed run continues the file
+        self.run = None
+        if cfg.backend == "wandb":
+            self.run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity or None,
+                name=run_name,
+                dir=str(self.run_dir),
+                mode=cfg.mode,
+                config=redact(config_dict, environment_secrets() | self.secret_filter.extra),
+                # Console capture would copy anything printed (secrets included) into the run's files.
+                settings=wandb.Settings(console="off", silent=True),
+            )
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Record one step's metrics (names from `METRICS`) as a metrics.jsonl line and in W&B."""
+        values = {k: float(v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        self._jsonl.flush()
+        if self.run is not None:
+            self.run.log(values, step=step)
+
+    def log_table(self, name: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        """Log a table (e.g. sample generations) to W&B; without W&B it is not recorded."""
+        if self.run is None:
+            return
+        secrets = environment_secrets() | self.secret_filter.extra
+        self.run.log({name: wandb.Table(columns=list(columns), data=redact(list(rows), secrets))}, step=step)
+
+    def log_samples(
+        self, step: int, prompts: Sequence[str], responses: Sequence[str], rewards: Sequence[float]
+    ) -> None:
+        """The first `cfg.log_samples` generations of a step as the W&B table `samples`."""
+        k = self.cfg.log_samples
+        if k:
+            rows = [[p, r, float(s)] for p, r, s in zip(prompts[:k], responses[:k], rewards[:k])]
+            self.log_table("samples", ["prompt", "response", "reward"], rows, step)
+
+    def finish(self) -> None:
+        """Close metrics.jsonl and end the W&B run (flushing it to `run_dir/wandb`)."""
+        if not self._jsonl.closed:
+            self._jsonl.close()
+        if self.run is not None:
+            self.run.finish()
+            # finish() returns before wandb-core has closed the run file; teardown waits for it, so the
+            # run folder is complete (ready for `wandb sync`) when this returns.
+            wandb.teardown()
+            self.run = None
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
+
