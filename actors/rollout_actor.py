@@ -23,6 +23,7 @@ import torch
 
 from rlhf_ray.config import ModelConfig, RolloutConfig, SamplingConfig
 from rlhf_ray.protocol import Sample
+from rlhf_ray.weight_sync import SyncGroupSpec, TensorMeta, join_sync_group, receive_bucket, sum_by_layer
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,10 @@ class RolloutActor:
         """
         if version < self._version:
             raise ValueError(f"{self.name}: weights of version {version} are older than the served {self._version}")
+        self._reload(named_tensors)
+        self._version = version
+
+    def _reload(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         names = {name for name, _ in named_tensors}
         touched = {self._weight_groups[n] for n in names if n in self._weight_groups}
         missing = sorted(n for n, module in self._weight_groups.items() if module in touched and n not in names)
@@ -233,7 +238,30 @@ class RolloutActor:
             )
         self.llm.collective_rpc(_reload_weights, args=(named_tensors,))
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+
+    # ------------------------------------------------------------------ weight broadcast
+
+    def join_weight_sync(self, spec: SyncGroupSpec, rank: int) -> None:
+        """Join the weight-sync group (rank 0 is the sending learner); replaces any earlier group."""
+        self._sync_group = join_sync_group(spec, rank)
+
+    def receive_weights(self, plan: list[list[TensorMeta]], version: int) -> None:
+        """Receive every bucket of a broadcast and reload it in place, then serve as policy `version`.
+
+        Buckets hold whole layers (`plan_buckets`), so each reload sees complete fused modules.
+        Until the last bucket has arrived the actor takes no generate call (Ray runs calls one at a time).
+        """
+        if getattr(self, "_sync_group", None) is None:
+            raise RuntimeError(f"{self.name}: receive_weights before join_weight_sync")
+        if version < self._version:
+            raise ValueError(f"{self.name}: weights of version {version} are older than the served {self._version}")
+        for bucket in plan:
+            self._reload(receive_bucket(self._sync_group, bucket))
         self._version = version
+
+    def weight_report(self) -> tuple[int, dict[str, float]]:
+        """(served policy version, per-layer checksums of the loaded weights) for broadcast verification."""
+        return self._version, sum_by_layer(self.weight_checksums().items())
 
     def weight_checksums(self) -> dict[str, float]:
         """float64 sum of every parameter the engine holds, keyed by vLLM's names (fused qkv_proj, gate_up_proj).

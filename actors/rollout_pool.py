@@ -73,7 +73,7 @@ class RolloutPool:
         self.members: list[Member] = []
         self.version = 0  # policy version every actor serves; set by the weight-broadcast layer
         self._next_index = 0  # names are never reused, so logs stay unambiguous
-        self._step = 0  # generate calls so far; enters the per-prompt seeds
+        self.step = 0  # generate calls so far; enters the per-prompt seeds (a resumed run restores it)
         self.members = self._launch(rollout_cfg.num_actors)
 
     @property
@@ -181,6 +181,12 @@ class RolloutPool:
         self._stop(removed)
         return [m.name for m in removed]
 
+    def discard(self, names: list[str]) -> None:
+        """Stop and forget the named actors (e.g. ones that died); the rest keep serving."""
+        gone = [m for m in self.members if m.name in set(names)]
+        self.members = [m for m in self.members if m.name not in set(names)]
+        self._stop(gone)
+
     def shutdown(self) -> None:
         """Stop every actor and release its placement group."""
         self._stop(self.members)
@@ -205,10 +211,10 @@ class RolloutPool:
         refs, actors, names = [], [], []
         for actor, name, items in zip(self.actors, self.actor_names, balance(costs, self.num_actors)):
             if items:
-                refs.append(actor.generate.remote([requests[i] for i in items], sampling, self._step))
+                refs.append(actor.generate.remote([requests[i] for i in items], sampling, self.step))
                 actors.append(actor)
                 names.append(name)
-        self._step += 1
+        self.step += 1
         return PendingRollout(refs, actors, names, time.perf_counter())
 
     def collect(self, pending: PendingRollout) -> RolloutResult:

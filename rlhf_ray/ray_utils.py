@@ -46,13 +46,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, timeout_s: float) -> list[Any]:
-    """`ray.get` a list of calls; on timeout or death raise ActorCallError naming each failed actor."""
+    """`ray.get` a list of calls; on timeout or death raise ActorCallError naming each failed actor.
+
+    A dead actor is named first: its death usually explains why its peers in a collective hang.
+    """
     ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-    if not_ready:
-        late = [n for r, n in zip(refs, names) if r in set(not_ready)]
-        raise ActorCallError(f"{what}: no answer within {timeout_s:.0f}s from {', '.join(late)}")
+    pending = set(not_ready)
     out, errors = [], []
     for ref, name in zip(refs, names):
+        if ref in pending:
+            continue
         try:
             out.append(ray.get(ref))
         except ray.exceptions.RayActorError as err:
@@ -60,8 +63,13 @@ def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, tim
             cause = ([line for line in str(err).splitlines() if line.strip()] or [""])[-1].strip()
             errors.append(f"{name} died ({type(err).__name__}: {cause})")
         except ray.exceptions.RayTaskError as err:
-            # An exception raised by our own code inside the actor: keep its type and message.
-            raise err.as_instanceof_cause() from None
+            if not errors and not pending:
+                # An exception raised by our own code inside the actor: keep its type and message.
+                raise err.as_instanceof_cause() from None
+            errors.append(f"{name} raised {str(err.cause)[:200] if err.cause else type(err).__name__}")
+    if pending:
+        late = [n for r, n in zip(refs, names) if r in pending]
+        errors.append(f"no answer within {timeout_s:.0f}s from {', '.join(late)}")
     if errors:
-        raise ActorCallError(f"{what} failed on " + "; ".join(errors))
+        raise ActorCallError(f"{what} failed: " + "; ".join(errors))
     return out

@@ -56,16 +56,28 @@ class SyncGroupSpec:
 
 
 def plan_buckets(metas: Iterable[TensorMeta], bucket_bytes: int) -> list[list[TensorMeta]]:
-    """Group parameters, in order, into buckets of at most `bucket_bytes` (one oversize tensor gets its own)."""
+    """Group parameters, in order, into buckets of at most `bucket_bytes`, never splitting a layer.
+
+    vLLM fuses q/k/v and gate/up projections: reloading part of a fused module corrupts it, so
+    every tensor of one layer (see `layer_of`) travels in the same bucket. A layer larger than
+    `bucket_bytes` gets a bucket of its own.
+    """
+    layers: list[list[TensorMeta]] = []
+    for meta in metas:
+        if layers and layer_of(layers[-1][0].name) == layer_of(meta.name):
+            layers[-1].append(meta)
+        else:
+            layers.append([meta])
     buckets: list[list[TensorMeta]] = []
     current: list[TensorMeta] = []
     size = 0
-    for meta in metas:
-        if current and size + meta.nbytes > bucket_bytes:
+    for layer in layers:
+        nbytes = sum(m.nbytes for m in layer)
+        if current and size + nbytes > bucket_bytes:
             buckets.append(current)
             current, size = [], 0
-        current.append(meta)
-        size += meta.nbytes
+        current += layer
+        size += nbytes
     if current:
         buckets.append(current)
     return buckets
@@ -140,10 +152,15 @@ def layer_of(name: str) -> str:
 
 def layer_checksums(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
     """Sum of `checksum` per layer (see `layer_of`)."""
+    return sum_by_layer((name, checksum(t)) for name, t in named)
+
+
+def sum_by_layer(named_sums: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """Per-parameter sums added up per layer (see `layer_of`)."""
     sums: dict[str, float] = {}
-    for name, t in named:
+    for name, value in named_sums:
         key = layer_of(name)
-        sums[key] = sums.get(key, 0.0) + checksum(t)
+        sums[key] = sums.get(key, 0.0) + value
     return sums
 
 

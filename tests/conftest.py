@@ -23,7 +23,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
-    """A local Ray head with 4 logical CPUs: two 1-CPU actors and the driver fit on a 2-core machine."""
-    init_ray(ClusterConfig(num_cpus=4))
+    """A local Ray head with 8 logical CPUs on a 2-core machine: pools, learner ranks and helpers share the cores."""
+    init_ray(ClusterConfig(num_cpus=8))
     yield
     ray.shutdown()

@@ -44,7 +44,13 @@ def test_plan_buckets_respects_size_and_order():
     plan = plan_buckets(metas, bucket_bytes=400)
     assert [m for b in plan for m in b] == metas
     for bucket in plan:
-        assert len(bucket) == 1 or sum(m.nbytes for m in bucket) <= 400
+        layers = {layer_of(m.name) for m in bucket}
+        assert len(layers) == 1 or sum(m.nbytes for m in bucket) <= 400
+    # a layer is never split across buckets (vLLM reloads fused modules whole)
+    home = {}
+    for i, bucket in enumerate(plan):
+        for m in bucket:
+            assert home.setdefault(layer_of(m.name), i) == i
     assert metas[0].nbytes == 50 * 8 * 4
 
 

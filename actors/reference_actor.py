@@ -1,0 +1,39 @@
+"""The reference actor: frozen log-probs of the initial (SFT) policy, for the KL penalty."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf_ray.config import ModelConfig
+from rlhf_ray.modeling import response_logprobs
+
+
+class ReferenceActor:
+    """Holds a frozen copy of the initial policy (transformers, eval mode, no grad).
+
+    Decorate with `ray.remote` at creation (see `create_reference_actor`).
+    """
+
+    def __init__(self, model_path: str, model_cfg: ModelConfig, micro_batch_size: int = 16, num_threads: int = 1):
+        torch.set_num_threads(num_threads)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            dtype=getattr(torch, model_cfg.dtype),
+            trust_remote_code=model_cfg.trust_remote_code,
+            use_safetensors=True,
+        ).eval()
+        self.micro_batch_size = micro_batch_size
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+        """[N, R] log-probs (nats) of the response tokens under the reference policy; 0 on padding."""
+        n = batch["input_ids"].shape[0]
+        parts = []
+        for i in range(0, n, self.micro_batch_size):
+            part = {k: (v[i : i + self.micro_batch_size] if v.dim() else v) for k, v in batch.items()}
+            parts.append(response_logprobs(self.model, part, temperature))
+        return torch.cat(parts)
+
+    def ping(self) -> bool:
+        return True

@@ -1,0 +1,78 @@
+"""The reward actor: a reward model served by vLLM's pooling runner, plus rule-based reward functions."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rlhf_ray.config import ModelConfig, RewardConfig
+from rlhf_ray.rewards import call_rule, load_reward_fn
+
+
+class RewardActor:
+    """Scores (prompt, response) pairs: weighted reward-model score + weighted rule functions.
+
+    The reward model (a one-label sequence-classification checkpoint) runs in vLLM with
+    `runner="pooling"` and no activation, so `classify` returns the raw scalar head.
+    Decorate with `ray.remote` at creation.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, reward_cfg: RewardConfig, kv_cache_space_gib: float = 0.5):
+        self.cfg = reward_cfg
+        self.functions = [(f, load_reward_fn(f.path)) for f in reward_cfg.functions]
+        self.llm = None
+        if reward_cfg.use_model:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            from vllm import LLM
+            from vllm.config import PoolerConfig
+
+            self.llm = LLM(
+                model=model_cfg.reward_path,
+                runner="pooling",
+                pooler_config=PoolerConfig(use_activation=False),
+                dtype=model_cfg.dtype,
+                max_model_len=model_cfg.max_model_len,
+                trust_remote_code=model_cfg.trust_remote_code,
+                gpu_memory_utilization=0.3,
+                enforce_eager=True,
+                # Not VLLM_CPU_KVCACHE_SPACE: vLLM parses it as whole GiB.
+                kv_cache_memory_bytes=int(kv_cache_space_gib * 2**30),
+            )
+
+    def model_scores(self, sequences: list[list[int]]) -> list[float]:
+        """Raw reward-model scores of token sequences (prompt + response ids), one float each."""
+        outputs = self.llm.classify([{"prompt_token_ids": ids} for ids in sequences], use_tqdm=False)
+        return [float(o.outputs.probs[0]) for o in outputs]
+
+    def score(
+        self, sequences: list[list[int]], prompts: list[str], responses: list[str], rows: list[dict]
+    ) -> dict[str, torch.Tensor]:
+        """Score a batch of N samples.
+
+        Returns scores [N] (the weighted sum, clipped if configured), valid [N] (False where a rule
+        function failed every retry: the driver masks that sample), model [N] (raw RM scores, or 0)
+        and one [N] tensor per rule function, keyed by its path.
+        """
+        n = len(sequences)
+        total = torch.zeros(n, dtype=torch.float64)
+        valid = torch.ones(n, dtype=torch.bool)
+        out: dict[str, torch.Tensor] = {}
+        if self.llm is not None:
+            model = torch.tensor(self.model_scores(sequences), dtype=torch.float64)
+            out["model"] = model
+            total += self.cfg.model_weight * model
+        for fcfg, fn in self.functions:
+            rule = call_rule(fn, fcfg.path, prompts, responses, rows, self.cfg.retries)
+            scores = torch.tensor(rule.scores, dtype=torch.float64)
+            out[fcfg.path] = scores
+            total += fcfg.weight * scores
+            valid &= torch.tensor(rule.valid)
+        if self.cfg.clip is not None:
+            total = total.clamp(-self.cfg.clip, self.cfg.clip)
+        out["scores"] = total.masked_fill(~valid, 0.0).float()
+        out["valid"] = valid
+        return out
+
+    def ping(self) -> bool:
+        return True

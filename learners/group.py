@@ -1,0 +1,249 @@
+"""The driver-facing learner: N DeepSpeed ranks (Ray actors) in one placement group, used as one.
+
+Every call takes the global batch, gives each rank an equal share of its rows, calls all ranks
+at once and gathers the answers with a timeout that names the rank that failed or hung.
+
+    policy = LearnerGroup("policy", "ckpt/sft", cfg.learner, cfg.model, cfg.algorithm, total_steps=100)
+    old_logp = policy.compute_logprobs(batch)                 # [N, R]
+    metrics = policy.ppo_update(experience)                   # {"train/policy_loss": ..., ...}
+    weights = policy.export_weights()                         # [(hf_name, tensor), ...]
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from rlhf_ray.ray_utils import ActorCallError, get_with_timeout
+
+from .batching import check_batch, num_rows, pad_rows, rank_rows, select_rows, split_rows
+from .models import ROLES, Role
+from .worker import LearnerWorker
+
+Batch = dict[str, Any]
+LAYOUT = ("input_ids", "attention_mask", "position_ids", "response_mask", "prompt_len")
+RM_PAIR = ("chosen_input_ids", "chosen_attention_mask", "rejected_input_ids", "rejected_attention_mask")
+
+
+class LearnerGroup:
+    """`learner_cfg.num_ranks` LearnerWorker actors training one model of `role` together.
+
+    role: "policy" (causal LM), "critic" (token values) or "reward" (sequence score).
+    model_path: HF folder to start from (a critic may start from a causal-LM folder: new head).
+    total_steps: optimizer steps over which the lr decays (cosine, after warm-up); None keeps
+    the peak lr after warm-up.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        model_path: str,
+        learner_cfg: LearnerConfig,
+        model_cfg: ModelConfig,
+        algo_cfg: AlgorithmConfig | None = None,
+        total_steps: int | None = None,
+    ):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.role, self.cfg = role, learner_cfg
+        self.algo = algo_cfg or AlgorithmConfig()
+        self.num_updates = 0  # seeds the minibatch shuffle of each update
+        n, cfg = learner_cfg.num_ranks, learner_cfg
+        gpu = {"GPU": cfg.num_gpus_per_rank} if cfg.num_gpus_per_rank else {}
+        bundle = {"CPU": cfg.num_cpus_per_rank, **gpu, **cfg.resources}
+        self.placement_group = placement_group([bundle] * n, strategy="PACK")
+        ready, _ = ray.wait([self.placement_group.ready()], timeout=cfg.call_timeout_s)
+        if not ready:
+            remove_placement_group(self.placement_group)
+            raise ActorCallError(
+                f"{role} learner group: {n} bundles of {bundle} could not be placed within "
+                f"{cfg.call_timeout_s:.0f}s; the cluster has {ray.available_resources()} available"
+            )
+        actor_cls = ray.remote(
+            num_cpus=cfg.num_cpus_per_rank, num_gpus=cfg.num_gpus_per_rank, resources=cfg.resources or None
+        )(LearnerWorker)
+        self.names = [f"{role}-learner-{i}" for i in range(n)]
+        self.workers = [
+            actor_cls.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
+            ).remote(i, n, role, model_path, learner_cfg, model_cfg, self.algo, total_steps)
+            for i in range(n)
+        ]
+        address, port = get_with_timeout(
+            [self.workers[0].rendezvous.remote()], self.names[:1], f"{role} learner rendezvous", cfg.call_timeout_s
+        )[0]
+        self.info = self._each("setup", [(address, cfg.master_port or port)] * n, "setup")[0]
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.workers)
+
+    # ------------------------------------------------------------------ fan-out
+
+    def _each(self, method: str, args: list[tuple], what: str | None = None) -> list[Any]:
+        """Call `method` on every rank with its own arguments; answers in rank order.
+
+        Raises as soon as any rank fails: the others are then stuck in a collective, and waiting
+        for them would only turn a clear error into a timeout.
+        """
+        what = f"{self.role} learner {what or method}"
+        refs = [getattr(w, method).remote(*a) for w, a in zip(self.workers, args)]
+        results: dict[int, Any] = {}
+        pending, deadline = list(refs), time.monotonic() + self.cfg.call_timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            i = refs.index(ready[0])
+            results[i] = get_with_timeout(ready, [self.names[i]], what, 0)[0]
+        if pending:
+            late = [i for i, r in enumerate(refs) if i not in results]
+            get_with_timeout([refs[i] for i in late], [self.names[i] for i in late], what, 0)
+        return [results[i] for i in range(len(refs))]
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        return self._each(method, [args] * self.num_ranks)
+
+    def _forward(self, method: str, batch: Batch, *args: Any) -> torch.Tensor:
+        """Rows padded to a multiple of the ranks, sharded, run, concatenated and unpadded."""
+        padded, n = pad_rows(batch, self.num_ranks)
+        outs = self._each(method, [(shard, *args) for shard in split_rows(padded, self.num_ranks)])
+        return torch.cat(outs)[:n]
+
+    def _train(self, method: str, batch: Batch, *args: Any) -> dict[str, float]:
+        """Each rank's rows of every shuffled minibatch of every epoch, then one call per rank."""
+        generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.num_updates)
+        rows = rank_rows(num_rows(batch), self.cfg.minibatch_size, self.num_ranks, self.cfg.ppo_epochs, generator)
+        self.num_updates += 1
+        return self._agreed(self._each(method, [(select_rows(batch, r), *args) for r in rows]))
+
+    def _agreed(self, per_rank: list[dict[str, float]]) -> dict[str, float]:
+        """Rank 0's metrics, after checking that every rank took and skipped the same steps."""
+        skipped = [m["train/skipped_steps"] for m in per_rank]
+        if len(set(skipped)) > 1:
+            raise RuntimeError(f"{self.role} learner ranks disagree on skipped steps: {skipped}")
+        return per_rank[0]
+
+    def _require(self, role: Role, method: str) -> None:
+        if self.role != role:
+            raise ValueError(f"{method} needs a {role} learner group; this group's role is {self.role}")
+
+    # ------------------------------------------------------------------ forward-only
+
+    def compute_logprobs(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+        """log softmax(logits / temperature) of the sampled response tokens: [N, R] fp32 nats, 0 on padding."""
+        self._require("policy", "compute_logprobs")
+        check_batch(batch, LAYOUT)
+        return self._forward("forward_logprobs", batch, temperature)
+
+    def compute_values(self, batch: Batch) -> torch.Tensor:
+        """Critic value of the state before each response token: [N, R] fp32, 0 on padding."""
+        self._require("critic", "compute_values")
+        check_batch(batch, LAYOUT)
+        return self._forward("forward_values", batch)
+
+    def compute_rewards(self, batch: Batch) -> torch.Tensor:
+        """Reward-model score at each row's last real token: [N] fp32 (batch: input_ids, attention_mask)."""
+        self._require("reward", "compute_rewards")
+        check_batch(batch, ("input_ids", "attention_mask"))
+        return self._forward("forward_rewards", batch)
+
+    # ------------------------------------------------------------------ updates
+
+    def ppo_update(self, experience: Batch, temperature: float = 1.0) -> dict[str, float]:
+        """algo.ppo_epochs x (N / minibatch_size) policy steps on the experience.
+
+        experience: the collated batch + old_logprobs, advantages [N, R]; optionally ref_logprobs
+        and kl_coef (a 0-d tensor; KL enters the loss when algo.kl.placement == "loss") and
+        rollout_logprobs (truncated importance weight when algo.tis_cap is set). `temperature`
+        must be the one the old log-probs were computed at.
+        Returns train/policy_loss, clipfrac, approx_kl (nats/token), entropy (nats/token),
+        kl_loss (nats), grad_norm (before clipping), lr, skipped_steps.
+        """
+        self._require("policy", "ppo_update")
+        check_batch(experience, LAYOUT + ("old_logprobs", "advantages"))
+        return self._train("ppo_update", experience, temperature)
+
+    def value_update(self, experience: Batch) -> dict[str, float]:
+        """Critic steps on the experience (returns, old_values [N, R]), same minibatches as ppo_update.
+
+        Returns train/value_loss, value_clipfrac, values_mean, grad_norm, lr, skipped_steps.
+        """
+        self._require("critic", "value_update")
+        check_batch(experience, LAYOUT + ("returns", "old_values"))
+        return self._train("value_update", experience)
+
+    def sft_step(self, batch: Batch) -> dict[str, float]:
+        """One optimizer step on input_ids, attention_mask, loss_mask [N, L] (1 on tokens to predict).
+
+        Returns train/sft_loss (nats per predicted token), grad_norm, lr, skipped_steps.
+        """
+        self._require("policy", "sft_step")
+        check_batch(batch, ("input_ids", "attention_mask", "loss_mask"))
+        if batch["loss_mask"].shape != batch["input_ids"].shape:
+            raise ValueError(f"loss_mask has shape {tuple(batch['loss_mask'].shape)} "
+                             f"but input_ids has {tuple(batch['input_ids'].shape)}")
+        return self._agreed(self._each("sft_step", [(s,) for s in split_rows(batch, self.num_ranks)]))
+
+    def rm_step(self, batch: Batch) -> dict[str, float]:
+        """One optimizer step of the Bradley-Terry loss on (chosen_*, rejected_*) input_ids/attention_mask pairs.
+
+        Returns train/rm_loss, rm_accuracy (fraction with chosen > rejected), rm_margin (mean
+        chosen - rejected), rm_chosen_mean, grad_norm, lr, skipped_steps.
+        """
+        self._require("reward", "rm_step")
+        missing = [k for k in RM_PAIR if k not in batch]
+        if missing:
+            raise ValueError(f"rm_step batch is missing {missing}; it has {sorted(batch)}")
+        for side in ("chosen", "rejected"):
+            check_batch({"input_ids": batch[f"{side}_input_ids"], "attention_mask": batch[f"{side}_attention_mask"]}, ())
+        if batch["chosen_input_ids"].shape[0] != batch["rejected_input_ids"].shape[0]:
+            raise ValueError(f"chosen_input_ids has {batch['chosen_input_ids'].shape[0]} rows "
+                             f"but rejected_input_ids has {batch['rejected_input_ids'].shape[0]}")
+        return self._agreed(self._each("rm_step", [(s,) for s in split_rows(batch, self.num_ranks)]))
+
+    # ------------------------------------------------------------------ weights and state
+
+    def export_weights(self, bucket_bytes: int = 2**28) -> list[tuple[str, torch.Tensor]]:
+        """Every HF-named full parameter, on CPU, from rank 0 (all ranks take part in the gather)."""
+        return self._all("export_weights", bucket_bytes)[0]
+
+    def param_checksums(self) -> list[dict[str, float]]:
+        """Per rank, the float64 sum of each full parameter as that rank sees it."""
+        return self._all("param_checksums")
+
+    def save(self, path: str) -> None:
+        """An HF model folder at `path` plus optimizer, schedule and RNG state (see learners/checkpoint.py)."""
+        self._all("save", path, {"role": self.role, "num_updates": self.num_updates})
+
+    def load(self, path: str) -> None:
+        """Restore what `save` wrote (the number of ranks and the ZeRO stage may differ)."""
+        state = self._all("load", path)[0]
+        if state.get("role", self.role) != self.role:
+            raise ValueError(f"checkpoint at {path} holds a {state['role']} learner, this group is {self.role}")
+        self.num_updates = int(state.get("num_updates", 0))
+
+    def peak_rss_mib(self) -> list[float]:
+        """Peak resident memory of each rank's process, MiB."""
+        return self._all("peak_rss_mib")
+
+    def shutdown(self) -> None:
+        """Leave the process group, end the actors and free the placement group."""
+        try:
+            self._all("shutdown")
+        finally:
+            for w in self.workers:
+                ray.kill(w)
+            remove_placement_group(self.placement_group)
+
+    def __enter__(self) -> "LearnerGroup":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

@@ -1,0 +1,125 @@
+"""Micro-batch losses of each learner update, built from `rlhf_ray.algorithms`.
+
+Every objective returns (loss, stats): the loss is the micro-batch's own aggregate (a mean over
+its tokens or its rows) and stats are floats averaged the same way. Each objective has a matching
+size function, the number of tokens or rows that mean is over; the update loop rescales by
+size / (size of the whole minibatch on all ranks), which turns the sum over micro-batches and
+ranks into exactly the minibatch aggregate (see `training.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rlhf_ray.algorithms import (
+    aggregate,
+    entropy_from_logits,
+    kl_estimate,
+    logprobs_from_logits,
+    masked_mean,
+    pairwise_rm_loss,
+    policy_loss,
+    sft_loss,
+    truncated_importance_weight,
+    value_loss,
+)
+from rlhf_ray.config import AlgorithmConfig
+from rlhf_ray.modeling import last_token_scores, response_logits
+
+from .models import token_values
+
+Batch = dict[str, Any]
+Result = tuple[torch.Tensor, dict[str, float]]
+
+
+def response_tokens(batch: Batch) -> torch.Tensor:
+    """The sampled response tokens [N, R] (pad ids beyond each response)."""
+    P, R = int(batch["prompt_len"]), batch["response_mask"].shape[1]
+    return batch["input_ids"][:, P : P + R]
+
+
+def tokens_or_rows(algo: AlgorithmConfig):
+    """Size function matching `algo.loss_agg`: response tokens for token_mean, rows otherwise."""
+    if algo.loss_agg == "token_mean":
+        return lambda micro: float(micro["response_mask"].sum())
+    return lambda micro: float(micro["response_mask"].shape[0])
+
+
+def ppo_objective(model: torch.nn.Module, micro: Batch, algo: AlgorithmConfig, temperature: float) -> Result:
+    """Clipped policy loss - entropy_coef * entropy (+ kl_coef * KL(pi || ref) when algo.kl.placement == "loss").
+
+    micro: response_mask, old_logprobs, advantages [n, R]; optionally ref_logprobs and kl_coef
+    (a 0-d tensor), rollout_logprobs (for the truncated importance weight when algo.tis_cap is set).
+    """
+    mask = micro["response_mask"]
+    logits = response_logits(model, micro)
+    if temperature != 1.0:
+        logits = logits / temperature
+    # Masking log-probs keeps padding finite in exp() of the ratio and the KL estimators.
+    logp = logprobs_from_logits(logits, response_tokens(micro)) * mask
+    is_weight = None
+    if algo.tis_cap is not None and "rollout_logprobs" in micro:
+        is_weight = truncated_importance_weight(micro["old_logprobs"], micro["rollout_logprobs"], mask, algo.tis_cap)
+    pg, pg_stats = policy_loss(
+        logp, micro["old_logprobs"], micro["advantages"], mask,
+        algo.clip_low, algo.clip_high, algo.dual_clip, is_weight, algo.loss_agg,
+    )
+    with torch.set_grad_enabled(algo.entropy_coef > 0 and torch.is_grad_enabled()):
+        entropy = aggregate(entropy_from_logits(logits), mask, algo.loss_agg)
+    loss = pg - algo.entropy_coef * entropy
+    kl = torch.zeros(())
+    if "ref_logprobs" in micro:
+        kl = aggregate(kl_estimate(logp, micro["ref_logprobs"] * mask, algo.kl.estimator), mask, algo.loss_agg)
+        if algo.kl.placement == "loss":
+            loss = loss + float(micro.get("kl_coef", algo.kl.coef)) * kl
+    stats = {
+        "policy_loss": float(pg.detach()),
+        "entropy": float(entropy.detach()),
+        "kl_loss": float(kl.detach()),
+        "clipfrac": pg_stats["clipfrac"],
+        "approx_kl": pg_stats["approx_kl"],
+    }
+    return loss, stats
+
+
+def value_objective(model: torch.nn.Module, micro: Batch, algo: AlgorithmConfig) -> Result:
+    """vf_coef * clipped value loss. micro: response_mask, returns, old_values [n, R]."""
+    mask = micro["response_mask"]
+    values = token_values(model, micro)
+    loss, stats = value_loss(values, micro["old_values"], micro["returns"], mask, algo.value_clip, algo.loss_agg)
+    return algo.vf_coef * loss, {
+        "value_loss": float(loss.detach()),
+        "value_clipfrac": stats["clipfrac"],
+        "values_mean": float(masked_mean(values.detach(), mask)),
+    }
+
+
+def sft_targets(micro: Batch) -> torch.Tensor:
+    """Mask [n, L-1] of the tokens the SFT loss predicts: loss_mask shifted past the first column."""
+    return micro["loss_mask"][:, 1:].float()
+
+
+def sft_objective(model: torch.nn.Module, micro: Batch) -> Result:
+    """Mean negative log-likelihood of the tokens marked by loss_mask [n, L] (nats per token)."""
+    ids, attention_mask = micro["input_ids"], micro["attention_mask"]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+    mask = sft_targets(micro)
+    logp = logprobs_from_logits(logits[:, :-1].float(), ids[:, 1:]) * mask
+    loss = sft_loss(logp, mask)
+    return loss, {"sft_loss": float(loss.detach())}
+
+
+def rm_objective(model: torch.nn.Module, micro: Batch) -> Result:
+    """Bradley-Terry loss of the reward model on (chosen, rejected) pairs."""
+    chosen = last_token_scores(model, micro["chosen_input_ids"], micro["chosen_attention_mask"])
+    rejected = last_token_scores(model, micro["rejected_input_ids"], micro["rejected_attention_mask"])
+    loss, stats = pairwise_rm_loss(chosen, rejected)
+    return loss, {
+        "rm_loss": float(loss.detach()),
+        "rm_accuracy": stats["accuracy"],
+        "rm_margin": stats["margin_mean"],
+        "rm_chosen_mean": float(chosen.detach().mean()),
+    }

@@ -1,0 +1,205 @@
+"""One rank of a learner group: a Ray actor holding a DeepSpeed engine for one role.
+
+`LearnerGroup` creates one per rank (the class is wrapped with `ray.remote` at creation), calls
+`setup` on all of them at once, then fans every call out to all ranks with each rank's share of
+the rows. Every public method is collective: all ranks must take part in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import resource
+from datetime import timedelta
+from typing import Any, Iterator
+
+import deepspeed
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+
+from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from rlhf_ray.modeling import last_token_scores, response_logprobs
+from rlhf_ray.ray_utils import free_port
+from rlhf_ray.weight_sync import SyncGroupSpec, TensorMeta, join_sync_group
+
+from . import checkpoint
+from .batching import PER_TOKEN, micro_batches
+from .models import Role, load_model, token_values
+from .objectives import (
+    ppo_objective,
+    rm_objective,
+    sft_objective,
+    sft_targets,
+    tokens_or_rows,
+    value_objective,
+)
+from .optim import build_optimizer, deepspeed_config
+from .training import StepLoop
+from .weights import iter_weight_buckets, param_checksums, send_weights, weight_metas
+
+Batch = dict[str, Any]
+CHECKSUM_BUCKET_BYTES = 2**28
+
+
+class LearnerWorker:
+    """A DeepSpeed engine for `role` ("policy", "critic" or "reward") on rank `rank` of `world_size`."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        role: Role,
+        model_path: str,
+        learner_cfg: LearnerConfig,
+        model_cfg: ModelConfig,
+        algo_cfg: AlgorithmConfig,
+        total_steps: int | None,
+    ):
+        self.rank, self.world_size, self.role = rank, world_size, role
+        self.model_path, self.cfg, self.model_cfg, self.algo = model_path, learner_cfg, model_cfg, algo_cfg
+        self.total_steps = total_steps
+        self.on_gpu = torch.cuda.is_available() and learner_cfg.num_gpus_per_rank > 0
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's address and a free port on it, for the group's torch.distributed store."""
+        address = ray.util.get_node_ip_address()
+        return address, free_port(address)
+
+    def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
+        """Join the process group and build the engine; returns {"params": count, "device": name}."""
+        os.environ.update(
+            RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+        )
+        if not self.on_gpu:
+            torch.set_num_threads(max(1, int(self.cfg.num_cpus_per_rank)))
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.on_gpu else "gloo",
+            timeout=timedelta(seconds=self.cfg.call_timeout_s), verbose=False,
+        )
+        if self.model_cfg.dtype == "float16":
+            raise ValueError("learners train in float32 or bfloat16; set model.dtype=bfloat16 instead of float16")
+        # Same seed on every rank: a freshly initialised critic head must be identical everywhere.
+        random.seed(self.cfg.seed)
+        np.random.seed(self.cfg.seed)
+        torch.manual_seed(self.cfg.seed)
+        model = load_model(self.role, self.model_path, self.model_cfg, self.cfg.gradient_checkpointing)
+        lr = self.cfg.critic_lr if self.role == "critic" else self.cfg.lr
+        adam = build_optimizer(model, self.cfg, lr)
+        ds_cfg = deepspeed_config(self.cfg, self.world_size, bf16=self.model_cfg.dtype == "bfloat16")
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=adam, config=ds_cfg, dist_init_required=False)
+        self.adam = adam
+        adam.init_state()
+        self.loop = StepLoop(self.engine, adam, self.cfg, lr, self.total_steps)
+        self.loop.prime(self._dummy_output)
+        return {"params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()), "device": str(self.engine.device)}
+
+    def _dummy_output(self) -> torch.Tensor:
+        ids = torch.ones(1, 2, dtype=torch.long, device=self.engine.device)
+        model = self.engine.module
+        if self.role == "policy":
+            return model(input_ids=ids, use_cache=False).logits.sum()
+        return last_token_scores(model, ids, torch.ones_like(ids)).sum()
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    @torch.no_grad()
+    def _forward(self, batch: Batch, fn) -> torch.Tensor:
+        self.engine.eval()
+        outs = [fn(self.engine.module, m) for m in micro_batches(self._to_device(batch), self.cfg.micro_batch_size)]
+        return torch.cat(outs).float().cpu()
+
+    # ------------------------------------------------------------------ forward-only
+
+    def forward_logprobs(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+        """log softmax(logits / temperature) at the response tokens: [n, R] fp32 nats, 0 on padding."""
+        return self._forward(batch, lambda model, m: response_logprobs(model, m, temperature))
+
+    def forward_values(self, batch: Batch) -> torch.Tensor:
+        """Critic values of the response tokens: [n, R] fp32, 0 on padding."""
+        return self._forward(batch, token_values)
+
+    def forward_rewards(self, batch: Batch) -> torch.Tensor:
+        """Reward-model score at each row's last real token: [n] fp32."""
+        return self._forward(batch, lambda model, m: last_token_scores(model, m["input_ids"], m["attention_mask"]))
+
+    # ------------------------------------------------------------------ updates
+
+    def _rows_per_minibatch(self) -> int:
+        return self.cfg.minibatch_size // self.world_size
+
+    def ppo_update(self, batch: Batch, temperature: float = 1.0) -> dict[str, float]:
+        """Policy optimizer steps over this rank's rows, `minibatch_size / world_size` rows per step."""
+        algo = self.algo
+        objective = lambda model, micro: ppo_objective(model, micro, algo, temperature)  # noqa: E731
+        return self.loop.run(self._to_device(batch), self._rows_per_minibatch(), objective, tokens_or_rows(algo), PER_TOKEN)
+
+    def value_update(self, batch: Batch) -> dict[str, float]:
+        """Critic optimizer steps over this rank's rows, `minibatch_size / world_size` rows per step."""
+        algo = self.algo
+        objective = lambda model, micro: value_objective(model, micro, algo)  # noqa: E731
+        return self.loop.run(self._to_device(batch), self._rows_per_minibatch(), objective, tokens_or_rows(algo), PER_TOKEN)
+
+    def sft_step(self, batch: Batch) -> dict[str, float]:
+        """One optimizer step on all of this rank's rows (input_ids, attention_mask, loss_mask)."""
+        batch = self._to_device(batch)
+        rows = batch["input_ids"].shape[0]
+        return self.loop.run(batch, rows, sft_objective, lambda micro: float(sft_targets(micro).sum()))
+
+    def rm_step(self, batch: Batch) -> dict[str, float]:
+        """One optimizer step on all of this rank's (chosen, rejected) pairs."""
+        batch = self._to_device(batch)
+        rows = batch["chosen_input_ids"].shape[0]
+        return self.loop.run(batch, rows, rm_objective, lambda micro: float(micro["chosen_input_ids"].shape[0]))
+
+    # ------------------------------------------------------------------ weights and state
+
+    def iter_weight_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """HF-named full parameters in buckets; rank 0 gets tensors, other ranks empty lists.
+
+        Collective under ZeRO-3: run it to the end on every rank.
+        """
+        return iter_weight_buckets(self.engine.module, bucket_bytes, self.rank)
+
+    def export_weights(self, bucket_bytes: int) -> list[tuple[str, torch.Tensor]]:
+        """All HF-named full parameters on CPU on rank 0, [] on other ranks."""
+        return [(n, t.cpu().clone()) for bucket in self.iter_weight_buckets(bucket_bytes) for n, t in bucket]
+
+    def weight_metas(self) -> list[TensorMeta]:
+        """Name, full shape and dtype of every parameter (what the weight broadcast will send)."""
+        return weight_metas(self.engine.module)
+
+    def join_weight_sync(self, spec: SyncGroupSpec) -> None:
+        """Rank 0 joins the weight-sync group as its rank 0; the other ranks only take part in gathers."""
+        self.sync_group = join_sync_group(spec, 0) if self.rank == 0 else None
+
+    def send_weights(self, plan: list[list[TensorMeta]]) -> dict[str, float]:
+        """Broadcast every parameter to the rollout actors (collective); rank 0 returns per-layer checksums."""
+        return send_weights(self.engine.module, plan, getattr(self, "sync_group", None), self.rank)
+
+    def param_checksums(self) -> dict[str, float]:
+        """float64 sum of each full parameter as this rank sees it."""
+        return param_checksums(self.engine.module, CHECKSUM_BUCKET_BYTES)
+
+    def save(self, path: str, extra: dict[str, Any]) -> None:
+        checkpoint.save(path, self.engine, self.adam, self.loop, self.rank, self.model_path, extra)
+        dist.barrier()
+
+    def load(self, path: str) -> dict[str, Any]:
+        return checkpoint.load(path, self.engine, self.adam, self.loop, self.rank)
+
+    def optimizer_steps(self) -> int:
+        return self.loop.optimizer_steps
+
+    def peak_rss_mib(self) -> float:
+        """Peak resident memory of this process, MiB."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

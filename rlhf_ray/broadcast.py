@@ -1,0 +1,142 @@
+"""Driver side of the weight broadcast: learner rank 0 ══ weight-sync group ══▶ every vLLM worker.
+
+The driver owns the group's life cycle: it picks the rendezvous port, (re)builds the group
+when rollout actors join or leave, triggers each broadcast on both sides at once, and checks
+afterwards that every actor reports the new version and the learner's per-layer checksums.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from rlhf_ray.config import WeightSyncConfig
+from rlhf_ray.ray_utils import ActorCallError, free_port, get_with_timeout
+from rlhf_ray.weight_sync import SyncGroupSpec, compare_checksums, plan_buckets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BroadcastStats:
+    version: int
+    bytes: int
+    seconds: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+
+class WeightBroadcaster:
+    """Keeps a weight-sync group between a learner group and a rollout pool, and broadcasts through it.
+
+    `learners` must offer `workers` (Ray handles, rank 0 first) with `weight_metas()`,
+    `join_weight_sync(spec)` and `send_weights(plan)`; `pool` must offer `actors`, `actor_names`
+    and `version`, its actors `join_weight_sync(spec, rank)`, `receive_weights(plan, version)` and
+    `weight_report()`.
+    """
+
+    def __init__(self, learners: Any, pool: Any, cfg: WeightSyncConfig, backend: str = "gloo"):
+        self.learners, self.pool, self.cfg, self.backend = learners, pool, cfg, backend
+        metas = ray.get(learners.workers[0].weight_metas.remote())
+        self.plan = plan_buckets(metas, int(cfg.bucket_mb * 2**20))
+        self.total_bytes = sum(m.nbytes for m in metas)
+        self.generation = 0
+        self.members: list[str] = []
+        self._repairing = False
+
+    def _call(self, refs: list, names: list[str], what: str) -> list:
+        return get_with_timeout(refs, names, what, self.cfg.timeout_s)
+
+    def _ensure_group(self) -> None:
+        """(Re)build the group when the pool's membership changed since the last broadcast."""
+        if self.members == list(self.pool.actor_names):
+            return
+        self.generation += 1
+        spec = SyncGroupSpec(
+            master_addr=self.cfg.master_addr,
+            master_port=free_port(self.cfg.master_addr),
+            world_size=1 + len(self.pool.actors),
+            backend=self.backend,
+            timeout_s=self.cfg.timeout_s,
+            generation=self.generation,
+        )
+        refs = [w.join_weight_sync.remote(spec) for w in self.learners.workers]
+        refs += [a.join_weight_sync.remote(spec, 1 + i) for i, a in enumerate(self.pool.actors)]
+        names = [f"learner-{i}" for i in range(len(self.learners.workers))] + list(self.pool.actor_names)
+        try:
+            self._call(refs, names, "joining the weight-sync group")
+        except ActorCallError as err:
+            self._repair_after(err)
+            raise
+        self.members = list(self.pool.actor_names)
+        log.info("weight-sync group generation %d: learner-0 + %s", self.generation, ", ".join(self.members))
+
+    def broadcast(self, version: int | None = None) -> BroadcastStats:
+        """Send the learners' current weights to every rollout actor.
+
+        The policy version goes up by one, or becomes `version` (a resumed run restores its own).
+        """
+        self._ensure_group()
+        version = self.pool.version + 1 if version is None else version
+        start = time.perf_counter()
+        send = [w.send_weights.remote(self.plan) for w in self.learners.workers]
+        recv = [a.receive_weights.remote(self.plan, version) for a in self.pool.actors]
+        names = [f"learner-{i}" for i in range(len(send))] + list(self.pool.actor_names)
+        try:
+            results = self._call(send + recv, names, f"weight broadcast v{version}")
+        except ActorCallError as err:
+            self._repair_after(err)
+            raise
+        seconds = time.perf_counter() - start
+        self.pool.version = version
+        if self.cfg.verify:
+            self.verify(results[0])
+        return BroadcastStats(version, self.total_bytes, seconds)
+
+    def _repair_after(self, err: ActorCallError) -> None:
+        """After a failed broadcast: drop dead rollout actors, resend the current weights to the survivors.
+
+        A broadcast that failed midway may have left survivors with some new and some old layers;
+        resending under the pool's current version restores one consistent set everywhere.
+        """
+        self.members = []  # a peer failed mid-collective: the group must be rebuilt before reuse
+        if self._repairing:  # the resend itself failed: give up, the caller sees the first error
+            return
+        dead = []
+        for actor, name in zip(list(self.pool.actors), list(self.pool.actor_names)):
+            ref = actor.ping.remote()
+            try:
+                ray.get(ref, timeout=min(self.cfg.timeout_s, 30.0))
+            except Exception:
+                dead.append(name)
+        if dead:
+            log.error("weight broadcast failed (%s); removing dead rollout actors %s", err, ", ".join(dead))
+            self.pool.discard(dead)
+        if self.pool.actors:
+            self._repairing = True
+            try:
+                self.broadcast(version=self.pool.version)
+            finally:
+                self._repairing = False
+
+    def add_actors(self, k: int) -> list[str]:
+        """Grow the pool by k actors that start serving only with the learners' current weights and version."""
+        weights = self.learners.export_weights()
+        names = self.pool.add_actors(k, weights=weights, version=self.pool.version)
+        log.info("rollout actors %s joined at policy version %d", ", ".join(names), self.pool.version)
+        return names
+
+    def verify(self, expected: dict[str, float]) -> None:
+        """Every actor reports the pool's version and the learner's per-layer checksums, or we raise."""
+        refs = [a.weight_report.remote() for a in self.pool.actors]
+        reports = self._call(refs, list(self.pool.actor_names), "weight checksum report")
+        for name, (version, sums) in zip(self.pool.actor_names, reports):
+            if version != self.pool.version:
+                raise RuntimeError(f"{name} reports policy version {version}, expected {self.pool.version}")
+            compare_checksums(expected, sums, who=name)
