@@ -153,6 +153,10 @@ class RolloutActor:
             seed=rollout_cfg.seed,
             logprobs_mode="processed_logprobs",
             generation_config="vllm",  # sampling comes from SamplingConfig only, never the checkpoint
+            # A prompt split across scheduler steps rewinds its seeded generator, which the CPU build
+            # cannot do ("CPU Generator does not use offset"): schedule every prompt whole.
+            enable_chunked_prefill=False,
+            max_num_batched_tokens=max(8192, model_cfg.max_model_len),
             **extra,
         )
         # One short sampled generation now, so one-off kernel set-up is not billed to the first rollout.

@@ -1,0 +1,138 @@
+"""`rlhf-ray`: the command line. Each subcommand takes a YAML config plus dotted `key=value` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from rlhf_ray.config import ConfigError, RunConfig, load_config
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    """Print the resolved config (secrets redacted)."""
+    import yaml
+
+    from rlhf_ray.config import redact
+
+    print(yaml.safe_dump(redact(_config(args).model_dump(mode="json")), sort_keys=False))
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> None:
+    from rlhf_ray.tiny import make_tiny
+
+    paths = make_tiny(args.out, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed)
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from rlhf_ray.driver import train
+    from rlhf_ray.run import run_dir_for
+
+    cfg = _config(args)
+    if args.resume and not cfg.train.run_name:
+        raise ConfigError("--resume needs train.run_name: the run folder to continue (runs/<run_name>)")
+    train(cfg, run_dir_for(cfg), resume=args.resume)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from rlhf_ray.demo import DEMO_CONFIG, SIZES, run_demo
+    from rlhf_ray.run import run_dir_for
+
+    cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+    results = run_demo(cfg, run_dir_for(cfg), SIZES)
+    print(json.dumps({k: v for k, v in results.items() if k != "examples"}, indent=2))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from rlhf_ray.evaluate import eval_main
+
+    eval_main(_config(args), args.model, args.out)
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from rlhf_ray.plan import plan_main
+
+    sys.exit(plan_main(_config(args), args.address))
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from rlhf_ray.launch import submit_main
+
+    sys.exit(submit_main(args.config, args.overrides, args.address, extra_pip=args.extra_pip,
+                         installer=args.installer, no_install=args.no_install, wait=args.wait))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from rlhf_ray.bench import bench_main
+
+    sys.exit(bench_main(args.out, quick=args.quick))
+
+
+def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    if optional:
+        p.add_argument("config", nargs="?", default=None, help="YAML run config (default: built-in defaults)")
+    else:
+        p.add_argument("config", help="YAML run config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.num_actors=2")
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
+    "config": (cmd_config, "print the resolved config (secrets redacted)"),
+    "train": (cmd_train, "RL training (PPO, GRPO, RLOO, REINFORCE++) with rollout actors and learners"),
+    "demo": (cmd_demo, "InstructGPT in miniature on a CPU: pretrain, SFT, reward model, PPO"),
+    "eval": (cmd_eval, "score a checkpoint on data.eval under zero-shot, few-shot and CoT templates"),
+    "plan": (cmd_plan, "print where every actor goes, the transport, KL placement and batch arithmetic"),
+    "submit": (cmd_submit, "submit `train` to a Ray cluster with `ray job submit`"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        _add_config_args(p, optional=True)
+        p.set_defaults(fn=fn)
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+        if name == "eval":
+            p.add_argument("--model", default="", help="model folder (default: model.policy_path)")
+            p.add_argument("--out", default=None, help="write the results JSON here")
+        if name in ("plan", "submit"):
+            p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local head)")
+        if name == "submit":
+            p.add_argument("--extra-pip", action="append", default=[], help="extra pip package (repeatable)")
+            p.add_argument("--installer", choices=["pip", "uv"], default="pip")
+            p.add_argument("--no-install", action="store_true", help="the cluster image already has rlhf_ray")
+            p.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    p = sub.add_parser("bench", help="throughput benchmarks; writes bench/results.{json,md,png}")
+    p.add_argument("--out", default="bench")
+    p.add_argument("--quick", action="store_true", help="tiny models, a couple of minutes")
+    p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("make-tiny", help="build a tiny LM, tokenizer and reward model into OUT")
+    p.add_argument("out")
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_make_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except ConfigError as err:
+        print(f"rlhf-ray: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

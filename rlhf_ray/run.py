@@ -1,0 +1,221 @@
+"""Building the actors of an RL run, and saving/restoring its complete state.
+
+`build_components` places everything the driver loop calls: the rollout pool, the policy
+(and critic) learner groups, the reference and reward actors, the weight broadcaster, the
+tracker and the prompt stream. `save_checkpoint`/`restore_checkpoint` keep a run resumable
+with the same data order, RNG, KL controller, optimizer and step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from transformers import AutoTokenizer
+
+from actors import RewardActor, ReferenceActor, RolloutPool
+from learners import LearnerGroup
+from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController
+from rlhf_ray.broadcast import WeightBroadcaster
+from rlhf_ray.checkpoint import CheckpointWriter, capture_rng, latest_complete, load_state, restore_rng, save_state
+from rlhf_ray.config import ConfigError, RunConfig, save_resolved
+from rlhf_ray.data import Dataset, PromptSampler, load_dataset
+from rlhf_ray.ray_utils import get_with_timeout, init_ray
+from rlhf_ray.rewards import RewardNormalizer
+from rlhf_ray.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def check_model_folder(path: str, field_name: str) -> None:
+    """A clear error before anything heavy starts when a model folder is missing or not a model."""
+    if not path:
+        raise ConfigError(f"{field_name} is empty: set it to a local Hugging Face model folder")
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(
+            f"{field_name}={path!r} is not a model folder (no config.json there); "
+            "build a tiny one with `rlhf-ray make-tiny OUT` or point it at a saved HF checkpoint"
+        )
+
+
+@dataclass
+class PromptStream:
+    """The RL prompt dataset with its resumable sampler; `next_batch` gives (rows, prompt token ids)."""
+
+    dataset: Dataset
+    sampler: PromptSampler
+
+    def next_batch(self) -> tuple[list[dict[str, Any]], list[list[int]]]:
+        idx = self.sampler.next_indices()
+        rows = [dict(self.dataset.rows[i], prompt=self.dataset.prompts[i]) for i in idx]
+        return rows, [self.dataset.prompt_ids[i] for i in idx]
+
+
+@dataclass
+class RunComponents:
+    cfg: RunConfig
+    run_dir: Path
+    tokenizer: Any
+    prompts: PromptStream
+    pool: RolloutPool
+    policy: LearnerGroup
+    critic: LearnerGroup | None
+    reference: Any  # Ray handle of ReferenceActor, wrapped by `RemoteCall`
+    reward: Any
+    broadcaster: WeightBroadcaster
+    tracker: Tracker
+    checkpoints: CheckpointWriter
+    reward_normalizer: RewardNormalizer
+    closers: list = field(default_factory=list)
+
+    def close(self) -> None:
+        for close in reversed(self.closers):
+            try:
+                close()
+            except Exception as err:  # keep closing the rest; the run's own error matters more
+                log.warning("while shutting down: %s", err)
+
+
+class RemoteCall:
+    """Calls methods of one Ray actor synchronously, with the timeout naming the actor."""
+
+    def __init__(self, handle: Any, name: str, timeout_s: float):
+        self.handle, self.name, self.timeout_s = handle, name, timeout_s
+
+    def __getattr__(self, method: str):
+        def call(*args: Any, **kwargs: Any) -> Any:
+            ref = getattr(self.handle, method).remote(*args, **kwargs)
+            return get_with_timeout([ref], [self.name], f"{self.name}.{method}", self.timeout_s)[0]
+
+        return call
+
+
+def total_policy_updates(cfg: RunConfig) -> int:
+    samples = cfg.train.prompts_per_step * cfg.rollout.sampling.n
+    return cfg.train.steps * cfg.learner.ppo_epochs * (samples // cfg.learner.minibatch_size)
+
+
+def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
+    """Start Ray and every actor of an RL run; writes the resolved config into `run_dir`."""
+    check_model_folder(cfg.model.policy_path, "model.policy_path")
+    if cfg.reward.use_model:
+        check_model_folder(cfg.model.reward_path, "model.reward_path")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, run_dir / "config.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy_path, trust_remote_code=cfg.model.trust_remote_code)
+    max_prompt = cfg.model.max_model_len - cfg.rollout.sampling.max_new_tokens
+    dataset = load_dataset(cfg.data.prompts, "prompt", tokenizer, max_prompt, cfg.train.prompts_per_step, cfg.data.seed)
+    prompts = PromptStream(dataset, PromptSampler(dataset, cfg.train.prompts_per_step, cfg.data.seed, cfg.data.shuffle))
+
+    init_ray(cfg.cluster)
+    closers: list = []
+    try:
+        pool = RolloutPool(cfg.model, cfg.rollout)
+        closers.append(pool.shutdown)
+        policy = LearnerGroup("policy", cfg.model.policy_path, cfg.learner, cfg.model, cfg.algorithm, total_policy_updates(cfg))
+        closers.append(policy.shutdown)
+        critic = None
+        if cfg.algorithm.uses_critic:
+            critic_start = cfg.model.reward_path or cfg.model.policy_path
+            critic_cfg = cfg.learner.model_copy(update={"lr": cfg.learner.critic_lr})
+            critic = LearnerGroup("critic", critic_start, critic_cfg, cfg.model, cfg.algorithm, total_policy_updates(cfg))
+            closers.append(critic.shutdown)
+        timeout = cfg.rollout.call_timeout_s
+        reference_handle = ray.remote(num_cpus=0.5)(ReferenceActor).options(name=None).remote(
+            cfg.model.policy_path, cfg.model, cfg.learner.micro_batch_size
+        )
+        closers.append(lambda: ray.kill(reference_handle))
+        reward_env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "0"}}
+        reward_handle = ray.remote(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus)(RewardActor).options(
+            runtime_env=reward_env
+        ).remote(cfg.model, cfg.reward)
+        closers.append(lambda: ray.kill(reward_handle))
+        reference = RemoteCall(reference_handle, "reference", timeout)
+        reward = RemoteCall(reward_handle, "reward", cfg.reward.timeout_s * 10)
+        reference.ping()
+        reward.ping()
+        backend = cfg.weight_sync.backend
+        if backend == "auto":
+            backend = "nccl" if cfg.learner.num_gpus_per_rank > 0 else "gloo"
+        broadcaster = WeightBroadcaster(policy, pool, cfg.weight_sync, backend)
+        tracker = Tracker(cfg.tracking, run_dir, cfg.train.run_name or run_dir.name, cfg.model_dump(mode="json"))
+        closers.append(tracker.finish)
+    except BaseException:
+        for close in reversed(closers):
+            close()
+        raise
+    return RunComponents(
+        cfg, run_dir, tokenizer, prompts, pool, policy, critic, reference, reward, broadcaster, tracker,
+        CheckpointWriter.for_run(run_dir, cfg.checkpoint), RewardNormalizer(cfg.reward.normalize), closers,
+    )
+
+
+def save_checkpoint(c: RunComponents, step: int, kl_ctl: FixedKLController | AdaptiveKLController, pending_batches: int = 0) -> None:
+    """Atomically write the run's state after `step` completed RL steps.
+
+    pending_batches: prompt batches drawn ahead (async mode) that no update has used yet;
+    the saved sampler position excludes them, so a resumed run draws them again.
+    """
+    sampler = c.prompts.sampler.state_dict()
+    if pending_batches:
+        sampler = rewind_sampler(c.prompts.sampler, pending_batches)
+    with c.checkpoints.begin(step) as tmp:
+        c.policy.save(str(tmp / "policy"))
+        if c.critic is not None:
+            c.critic.save(str(tmp / "critic"))
+        tensors, rng_meta = capture_rng()
+        meta = {
+            "step": step,
+            "policy_version": c.pool.version,
+            "pool_step": c.pool.step - pending_batches,
+            "sampler": sampler,
+            "kl_controller": kl_ctl.state_dict(),
+            "reward_normalizer": c.reward_normalizer.state_dict(),
+            "rng": rng_meta,
+        }
+        save_state(tmp / "driver", tensors, meta)
+
+
+def rewind_sampler(sampler: PromptSampler, batches: int) -> dict[str, int]:
+    """The sampler state from `batches` draws ago (the sampler itself is left as it is)."""
+    state = sampler.state_dict()
+    per_epoch = len(sampler.dataset) // sampler.batch_size
+    drawn = state["epoch"] * per_epoch + state["position"] // sampler.batch_size - batches
+    return dict(state, epoch=drawn // per_epoch, position=(drawn % per_epoch) * sampler.batch_size)
+
+
+def restore_checkpoint(c: RunComponents, kl_ctl: FixedKLController | AdaptiveKLController) -> int:
+    """Load the newest complete checkpoint of the run (if any); returns the step to continue from."""
+    path = latest_complete(c.checkpoints.root)
+    if path is None:
+        log.warning("--resume: no complete checkpoint under %s; starting at step 0", c.checkpoints.root)
+        return 0
+    tensors, meta = load_state(path / "driver")
+    c.policy.load(str(path / "policy"))
+    if c.critic is not None:
+        c.critic.load(str(path / "critic"))
+    c.prompts.sampler.load_state_dict(meta["sampler"])
+    kl_ctl.load_state_dict(meta["kl_controller"])
+    c.reward_normalizer.load_state_dict(meta["reward_normalizer"])
+    restore_rng(tensors, meta["rng"])
+    c.pool.step = int(meta["pool_step"])
+    c.broadcaster.broadcast(version=int(meta["policy_version"]))
+    log.info("resumed from %s (step %d, policy version %d)", path, meta["step"], meta["policy_version"])
+    print(json.dumps({"resumed_from": str(path), "step": meta["step"]}), flush=True)
+    return int(meta["step"])
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    name = cfg.train.run_name or time_stamp()
+    return Path(cfg.train.output_dir) / name
+
+
+def time_stamp() -> str:
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"

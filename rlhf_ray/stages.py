@@ -1,0 +1,119 @@
+"""The supervised stages of the recipe on the learner group: pretraining, SFT and reward-model training."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from learners import LearnerGroup
+from rlhf_ray.config import RunConfig, SupervisedConfig
+from rlhf_ray.data import tokenize_preferences, tokenize_sft
+from rlhf_ray.data.tokenize import pad_id, pad_right
+
+log = logging.getLogger(__name__)
+Logger = Callable[[dict[str, float], int], None]
+
+
+def epoch_batches(num_rows: int, batch_size: int, epochs: int, seed: int) -> Iterator[list[int]]:
+    """Row indices of every full batch of every epoch, reshuffled per epoch from (seed, epoch)."""
+    for epoch in range(epochs):
+        order = list(range(num_rows))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        for start in range(0, num_rows - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+def split_holdout(rows: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """(train, held-out) rows; the held-out part is a seeded random `fraction` of them."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    k = int(len(rows) * fraction)
+    return [rows[i] for i in order[k:]], [rows[i] for i in order[:k]]
+
+
+def _stage_learner_cfg(cfg: RunConfig, stage: SupervisedConfig):
+    micro = min(cfg.learner.micro_batch_size, stage.batch_size // cfg.learner.num_ranks)
+    return cfg.learner.model_copy(update={"lr": stage.lr, "minibatch_size": stage.batch_size, "micro_batch_size": micro})
+
+
+def _check_rows(stage: SupervisedConfig, n: int, what: str) -> None:
+    if n < stage.batch_size:
+        raise ValueError(f"{what}: {n} training rows, fewer than one batch of {what}.batch_size={stage.batch_size}")
+
+
+def pretrain_batch(texts: list[str], tokenizer: Any, max_len: int) -> dict[str, torch.Tensor]:
+    """Language-model batch: every real token after the first is predicted (loss_mask [N, L])."""
+    seqs = []
+    for i, t in enumerate(texts):
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) > max_len:
+            raise ValueError(f"pretraining text {i} has {len(ids)} tokens, over max_len={max_len}")
+        seqs.append(ids)
+    input_ids, attention_mask = pad_right(seqs, pad_id(tokenizer))
+    loss_mask = attention_mask.clone()
+    loss_mask[:, 0] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def run_lm_stage(
+    cfg: RunConfig, stage: SupervisedConfig, start_path: str, out_path: Path,
+    make_batch: Callable[[list[int]], dict[str, torch.Tensor]], num_rows: int, name: str, logger: Logger,
+) -> dict[str, float]:
+    """Train the policy with `sft_step` on batches from `make_batch(row indices)`; save an HF folder."""
+    _check_rows(stage, num_rows, name)
+    steps = stage.epochs * (num_rows // stage.batch_size)
+    metrics: dict[str, float] = {}
+    with LearnerGroup("policy", start_path, _stage_learner_cfg(cfg, stage), cfg.model, total_steps=steps) as group:
+        for step, idx in enumerate(epoch_batches(num_rows, stage.batch_size, stage.epochs, cfg.train.seed)):
+            metrics = group.sft_step(make_batch(idx))
+            logger({f"{name}/{k.split('/')[-1]}": v for k, v in metrics.items()}, step)
+        group.save(str(out_path))
+    return metrics
+
+
+def run_pretrain(cfg: RunConfig, texts: list[str], tokenizer: Any, out_path: Path, logger: Logger) -> dict[str, float]:
+    """Next-token prediction on plain text (the base model of the recipe)."""
+    return run_lm_stage(
+        cfg, cfg.pretrain, cfg.model.policy_path, out_path,
+        lambda idx: pretrain_batch([texts[i] for i in idx], tokenizer, cfg.pretrain.max_len), len(texts), "pretrain", logger,
+    )
+
+
+def run_sft(cfg: RunConfig, rows: list[dict], tokenizer: Any, start_path: str, out_path: Path, logger: Logger) -> dict[str, float]:
+    """Instruction finetuning on {prompt (formatted), response} rows; loss on response tokens + EOS."""
+    return run_lm_stage(
+        cfg, cfg.sft, start_path, out_path,
+        lambda idx: tokenize_sft([rows[i] for i in idx], tokenizer, cfg.sft.max_len), len(rows), "sft", logger,
+    )
+
+
+def reward_accuracy(group: LearnerGroup, rows: list[dict], tokenizer: Any, max_len: int) -> float:
+    """Fraction of preference rows whose chosen response the reward model scores higher."""
+    batch = tokenize_preferences(rows, tokenizer, max_len)
+    chosen = group.compute_rewards({"input_ids": batch["chosen_input_ids"], "attention_mask": batch["chosen_attention_mask"]})
+    rejected = group.compute_rewards({"input_ids": batch["rejected_input_ids"], "attention_mask": batch["rejected_attention_mask"]})
+    return float((chosen > rejected).float().mean())
+
+
+def run_rm(
+    cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], tokenizer: Any, start_path: str, out_path: Path,
+    logger: Logger,
+) -> dict[str, float]:
+    """Bradley-Terry reward model on {prompt, chosen, rejected} rows; returns train metrics + eval/rm_accuracy."""
+    stage = cfg.rm
+    _check_rows(stage, len(train_rows), "rm")
+    steps = stage.epochs * (len(train_rows) // stage.batch_size)
+    metrics: dict[str, float] = {}
+    with LearnerGroup("reward", start_path, _stage_learner_cfg(cfg, stage), cfg.model, total_steps=steps) as group:
+        for step, idx in enumerate(epoch_batches(len(train_rows), stage.batch_size, stage.epochs, cfg.train.seed)):
+            metrics = group.rm_step(tokenize_preferences([train_rows[i] for i in idx], tokenizer, stage.max_len))
+            logger({f"rm/{k.split('/')[-1]}": v for k, v in metrics.items()}, step)
+        if eval_rows:
+            metrics["eval/rm_accuracy"] = reward_accuracy(group, eval_rows, tokenizer, stage.max_len)
+            logger({"eval/rm_accuracy": metrics["eval/rm_accuracy"]}, steps)
+        group.save(str(out_path))
+    return metrics
