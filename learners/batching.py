@@ -59,7 +59,7 @@ def pad_rows(batch: dict[str, Any], multiple: int) -> tuple[dict[str, Any], int]
     return select_rows(batch, index), n
 
 
-def check_batch(batch: dict[str, Any], required: tuple[str, ...], per_token: tuple[str, ...] = PER_TOKEN) -> None:
+def check_batch(batch: dict[str, Any], required: tuple[str, ...] = (), per_token: tuple[str, ...] = PER_TOKEN) -> None:
     """Raise ValueError naming the field and shapes unless `batch` is in the training layout.
 
     input_ids, attention_mask (and position_ids if present) [N, P+R]; response_mask and every
@@ -93,7 +93,9 @@ def check_batch(batch: dict[str, Any], required: tuple[str, ...], per_token: tup
             )
 
 
-def rank_rows(n: int, minibatch_size: int, num_ranks: int, epochs: int, generator: torch.Generator) -> list[torch.Tensor]:
+def rank_rows(
+    n: int, minibatch_size: int, num_ranks: int, epochs: int, generator: torch.Generator
+) -> list[torch.Tensor]:
     """The rows each rank trains on, in order: for every epoch a fresh permutation of the n rows,
     cut into minibatches of `minibatch_size`, each minibatch cut into `num_ranks` equal shares.
 

@@ -35,6 +35,7 @@ from deepspeed.utils import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .models import unwrap
 from .optim import VetoableAdamW
 from .training import StepLoop
 from .weights import full_shape, iter_weight_buckets, persistent_buffers
@@ -56,29 +57,45 @@ def _optimizer_tensors(model: torch.nn.Module, adam: VetoableAdamW, bf16: bool) 
             yield f"master/{name}", safe_get_full_fp32_param(p).reshape(full_shape(p))
 
 
+def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, write: bool) -> dict[str, str]:
+    """Consume `tensors` (on every rank: it is collective) and, if `write`, store them as fp32 in
+    safetensors files of about SHARD_BYTES each; returns the name -> file map."""
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+
+    def flush() -> None:
+        file = f"optimizer-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, str(folder / file))
+        weight_map.update({name: file for name in shard})
+        shard.clear()
+
+    for name, t in tensors:
+        if not write:
+            continue
+        if shard and 4 * (sum(x.numel() for x in shard.values()) + t.numel()) > SHARD_BYTES:
+            flush()
+        shard[name] = t.detach().float().cpu().clone()
+    if shard:
+        flush()
+    return weight_map
+
+
 def _adam_step(adam: VetoableAdamW) -> float:
     return float(next(iter(adam.state.values()))["step"])
 
 
 def save(
-    path: str, engine: Any, adam: VetoableAdamW, loop: StepLoop, rank: int, source_dir: str, extra: dict[str, Any]
+    path: str, engine: Any, adam: VetoableAdamW, loop: StepLoop, rank: int, role: str, source_dir: str,
+    extra: dict[str, Any],
 ) -> None:
     """Write the checkpoint described in the module docstring (collective)."""
     root, state_dir = Path(path), Path(path) / "learner"
     state_dir.mkdir(parents=True, exist_ok=True)
-    model, bf16 = engine.module, engine.bfloat16_enabled()
+    model, bf16 = unwrap(engine.module), engine.bfloat16_enabled()
 
+    # Every rank takes part in the gathers below; rank 0 keeps and writes what they return.
     weights = {name: t.cpu().clone() for bucket in iter_weight_buckets(model, SHARD_BYTES, rank) for name, t in bucket}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in _optimizer_tensors(model, adam, bf16):
-        if rank != 0:
-            continue
-        if size and size + t.numel() * 4 > SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.detach().float().cpu().clone()
-        size += t.numel() * 4
+    weight_map = _write_shards(_optimizer_tensors(model, adam, bf16), state_dir, write=rank == 0)
     _save_rng(state_dir, rank)
     if rank != 0:
         return
@@ -90,17 +107,13 @@ def save(
         for pattern in TOKENIZER_FILES:
             for f in source.glob(pattern):
                 shutil.copy2(f, root / f.name)
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        file = f"optimizer-{i:05d}.safetensors"
-        save_file(shard, str(state_dir / file))
-        weight_map |= {name: file for name in shard}
     (state_dir / "optimizer.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
     state = {
         "format": FORMAT,
         "world_size": loop.world_size,
         "zero_stage": engine.zero_optimization_stage(),
         "bf16": bf16,
+        "role": role,
         "optimizer_steps": loop.optimizer_steps,
         "skipped_steps": loop.skipped_steps,
         "adam_step": _adam_step(adam),
@@ -161,13 +174,15 @@ class _TensorDir:
         return self._open[file].get_tensor(name)
 
 
-def load(path: str, engine: Any, adam: VetoableAdamW, loop: StepLoop, rank: int) -> dict[str, Any]:
+def load(path: str, engine: Any, adam: VetoableAdamW, loop: StepLoop, rank: int, role: str) -> dict[str, Any]:
     """Restore weights, fp32 masters, optimizer moments, counters and RNG; returns state.json (collective)."""
     root, state_dir = Path(path), Path(path) / "learner"
     state = json.loads((state_dir / "state.json").read_text())
     if state.get("format") != FORMAT:
         raise ValueError(f"{state_dir / 'state.json'} has format {state.get('format')!r}, expected {FORMAT!r}")
-    model, bf16 = engine.module, engine.bfloat16_enabled()
+    if state["role"] != role:
+        raise ValueError(f"checkpoint at {path} holds a {state['role']} learner, this learner is a {role}")
+    model, bf16 = unwrap(engine.module), engine.bfloat16_enabled()
     if state["bf16"] != bf16:
         raise ValueError(f"checkpoint at {path} was saved with bf16={state['bf16']}, this learner runs bf16={bf16}")
     weights = _TensorDir.hf_weights(root)

@@ -28,6 +28,7 @@ from .worker import LearnerWorker
 
 Batch = dict[str, Any]
 LAYOUT = ("input_ids", "attention_mask", "position_ids", "response_mask", "prompt_len")
+SHUTDOWN_WAIT_S = 10.0
 RM_PAIR = ("chosen_input_ids", "chosen_attention_mask", "rejected_input_ids", "rejected_attention_mask")
 
 
@@ -51,6 +52,9 @@ class LearnerGroup:
     ):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if model_cfg.dtype == "float16":
+            raise ValueError("learners train in float32 or bfloat16 (fp16 would need loss scaling); "
+                             "set model.dtype=bfloat16 instead of float16")
         self.role, self.cfg = role, learner_cfg
         self.algo = algo_cfg or AlgorithmConfig()
         self.num_updates = 0  # seeds the minibatch shuffle of each update
@@ -70,15 +74,17 @@ class LearnerGroup:
         )(LearnerWorker)
         self.names = [f"{role}-learner-{i}" for i in range(n)]
         self.workers = [
-            actor_cls.options(
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
-            ).remote(i, n, role, model_path, learner_cfg, model_cfg, self.algo, total_steps)
+            actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i)).remote(
+                i, n, role, model_path, learner_cfg, model_cfg, self.algo, total_steps
+            )
             for i in range(n)
         ]
-        address, port = get_with_timeout(
-            [self.workers[0].rendezvous.remote()], self.names[:1], f"{role} learner rendezvous", cfg.call_timeout_s
-        )[0]
-        self.info = self._each("setup", [(address, cfg.master_port or port)] * n, "setup")[0]
+        try:
+            address, port = self._each("rendezvous", [()], "rendezvous")[0]
+            self.info = self._each("setup", [(address, cfg.master_port or port)] * n, "setup")[0]
+        except BaseException:
+            self._release()
+            raise
 
     @property
     def num_ranks(self) -> int:
@@ -202,7 +208,7 @@ class LearnerGroup:
         if missing:
             raise ValueError(f"rm_step batch is missing {missing}; it has {sorted(batch)}")
         for side in ("chosen", "rejected"):
-            check_batch({"input_ids": batch[f"{side}_input_ids"], "attention_mask": batch[f"{side}_attention_mask"]}, ())
+            check_batch({"input_ids": batch[f"{side}_input_ids"], "attention_mask": batch[f"{side}_attention_mask"]})
         if batch["chosen_input_ids"].shape[0] != batch["rejected_input_ids"].shape[0]:
             raise ValueError(f"chosen_input_ids has {batch['chosen_input_ids'].shape[0]} rows "
                              f"but rejected_input_ids has {batch['rejected_input_ids'].shape[0]}")
@@ -220,27 +226,29 @@ class LearnerGroup:
 
     def save(self, path: str) -> None:
         """An HF model folder at `path` plus optimizer, schedule and RNG state (see learners/checkpoint.py)."""
-        self._all("save", path, {"role": self.role, "num_updates": self.num_updates})
+        self._all("save", path, {"num_updates": self.num_updates})
 
     def load(self, path: str) -> None:
         """Restore what `save` wrote (the number of ranks and the ZeRO stage may differ)."""
-        state = self._all("load", path)[0]
-        if state.get("role", self.role) != self.role:
-            raise ValueError(f"checkpoint at {path} holds a {state['role']} learner, this group is {self.role}")
-        self.num_updates = int(state.get("num_updates", 0))
+        self.num_updates = int(self._all("load", path)[0].get("num_updates", 0))
 
     def peak_rss_mib(self) -> list[float]:
         """Peak resident memory of each rank's process, MiB."""
         return self._all("peak_rss_mib")
 
     def shutdown(self) -> None:
-        """Leave the process group, end the actors and free the placement group."""
-        try:
-            self._all("shutdown")
-        finally:
-            for w in self.workers:
-                ray.kill(w)
-            remove_placement_group(self.placement_group)
+        """Leave the process group, end the actors and free the placement group.
+
+        Waits only briefly for the ranks to leave: after a failed call some may be stuck in a
+        collective, and killing the actor frees its resources either way.
+        """
+        ray.wait([w.shutdown.remote() for w in self.workers], num_returns=self.num_ranks, timeout=SHUTDOWN_WAIT_S)
+        self._release()
+
+    def _release(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        remove_placement_group(self.placement_group)
 
     def __enter__(self) -> "LearnerGroup":
         return self

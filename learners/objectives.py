@@ -9,9 +9,10 @@ ranks into exactly the minibatch aggregate (see `training.py`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from rlhf_ray.algorithms import (
     aggregate,
@@ -26,9 +27,9 @@ from rlhf_ray.algorithms import (
     value_loss,
 )
 from rlhf_ray.config import AlgorithmConfig
-from rlhf_ray.modeling import last_token_scores, response_logits
+from rlhf_ray.modeling import response_logits
 
-from .models import token_values
+from .models import sequence_scores, token_values
 
 Batch = dict[str, Any]
 Result = tuple[torch.Tensor, dict[str, float]]
@@ -40,7 +41,7 @@ def response_tokens(batch: Batch) -> torch.Tensor:
     return batch["input_ids"][:, P : P + R]
 
 
-def tokens_or_rows(algo: AlgorithmConfig):
+def tokens_or_rows(algo: AlgorithmConfig) -> Callable[[Batch], float]:
     """Size function matching `algo.loss_agg`: response tokens for token_mean, rows otherwise."""
     if algo.loss_agg == "token_mean":
         return lambda micro: float(micro["response_mask"].sum())
@@ -113,9 +114,12 @@ def sft_objective(model: torch.nn.Module, micro: Batch) -> Result:
 
 
 def rm_objective(model: torch.nn.Module, micro: Batch) -> Result:
-    """Bradley-Terry loss of the reward model on (chosen, rejected) pairs."""
-    chosen = last_token_scores(model, micro["chosen_input_ids"], micro["chosen_attention_mask"])
-    rejected = last_token_scores(model, micro["rejected_input_ids"], micro["rejected_attention_mask"])
+    """Bradley-Terry loss of the reward model on (chosen, rejected) pairs, both sides in one forward."""
+    sides = [(micro[f"{side}_input_ids"], micro[f"{side}_attention_mask"]) for side in ("chosen", "rejected")]
+    width = max(ids.shape[1] for ids, _ in sides)
+    ids = torch.cat([F.pad(ids, (0, width - ids.shape[1])) for ids, _ in sides])
+    mask = torch.cat([F.pad(mask, (0, width - mask.shape[1])) for _, mask in sides])
+    chosen, rejected = sequence_scores(model, ids, mask).chunk(2)
     loss, stats = pairwise_rm_loss(chosen, rejected)
     return loss, {
         "rm_loss": float(loss.detach()),

@@ -20,6 +20,7 @@ norm is not finite (its ZeRO optimizers then drop the step themselves).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable
 
 import torch
@@ -123,7 +124,9 @@ class StepLoop:
         for i, (micro, s) in enumerate(zip(micros, sizes)):
             weight = s / max(total_size, 1.0)
             self.engine.set_gradient_accumulation_boundary(i == len(micros) - 1)
-            loss, stats = objective(self.engine.module, micro)
+            # Through the engine's forward: DeepSpeed counts micro-steps there, and ZeRO-3 would
+            # otherwise overwrite rather than accumulate the gradients of earlier micro-batches.
+            loss, stats = objective(self.engine, micro)
             bad_loss += float(not torch.isfinite(loss.detach()))
             self.engine.backward(loss * (weight * self.world_size), scale_wrt_gas=False)
             for k, v in stats.items():
@@ -135,7 +138,7 @@ class StepLoop:
         names = sorted(weighted)
         reduced = self._all_reduce([local_bad] + [weighted[k] for k in names])
         stage0_norm = self._stage0_grad_norm()
-        veto = reduced[0] > 0 or (stage0_norm is not None and not torch.isfinite(torch.tensor(stage0_norm)))
+        veto = reduced[0] > 0 or (stage0_norm is not None and not math.isfinite(stage0_norm))
         lr = self.lr
         for group in self.adam.param_groups:
             group["lr"] = lr
@@ -146,7 +149,7 @@ class StepLoop:
             self.adam.veto = False
         norm = stage0_norm if stage0_norm is not None else self.engine.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
-        if veto or not torch.isfinite(torch.tensor(norm)):
+        if veto or not math.isfinite(norm):
             log.warning("skipping a step: non-finite loss or gradient (grad norm %s)", norm)
             return None
         self.optimizer_steps += 1
@@ -164,8 +167,8 @@ class StepLoop:
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
     def prime(self, dummy_loss: Callable[[], torch.Tensor]) -> None:
-        """Create the optimizer state before any real step (a vetoed step on zero gradients),
-        so checkpoints can be saved and loaded from step 0 on."""
+        """A vetoed step on zero gradients before any real one: DeepSpeed links its views on the
+        optimizer state at the first step, and checkpoints need them from step 0 on."""
         self.engine.train()
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.backward(dummy_loss() * 0.0, scale_wrt_gas=False)

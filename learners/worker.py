@@ -12,7 +12,7 @@ import os
 import random
 import resource
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import deepspeed
 import numpy as np
@@ -21,13 +21,13 @@ import torch
 import torch.distributed as dist
 
 from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
-from rlhf_ray.modeling import last_token_scores, response_logprobs
+from rlhf_ray.modeling import response_logprobs
 from rlhf_ray.ray_utils import free_port
 from rlhf_ray.weight_sync import SyncGroupSpec, TensorMeta, join_sync_group
 
 from . import checkpoint
 from .batching import PER_TOKEN, micro_batches
-from .models import Role, load_model, token_values
+from .models import Role, load_model, sequence_scores, token_values, unwrap
 from .objectives import (
     ppo_objective,
     rm_objective,
@@ -37,7 +37,7 @@ from .objectives import (
     value_objective,
 )
 from .optim import build_optimizer, deepspeed_config
-from .training import StepLoop
+from .training import Objective, StepLoop
 from .weights import iter_weight_buckets, param_checksums, send_weights, weight_metas
 
 Batch = dict[str, Any]
@@ -81,8 +81,6 @@ class LearnerWorker:
             dist_backend="nccl" if self.on_gpu else "gloo",
             timeout=timedelta(seconds=self.cfg.call_timeout_s), verbose=False,
         )
-        if self.model_cfg.dtype == "float16":
-            raise ValueError("learners train in float32 or bfloat16; set model.dtype=bfloat16 instead of float16")
         # Same seed on every rank: a freshly initialised critic head must be identical everywhere.
         random.seed(self.cfg.seed)
         np.random.seed(self.cfg.seed)
@@ -96,22 +94,22 @@ class LearnerWorker:
         adam.init_state()
         self.loop = StepLoop(self.engine, adam, self.cfg, lr, self.total_steps)
         self.loop.prime(self._dummy_output)
-        return {"params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()), "device": str(self.engine.device)}
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        return {"params": params, "device": str(self.engine.device)}
 
     def _dummy_output(self) -> torch.Tensor:
         ids = torch.ones(1, 2, dtype=torch.long, device=self.engine.device)
-        model = self.engine.module
         if self.role == "policy":
-            return model(input_ids=ids, use_cache=False).logits.sum()
-        return last_token_scores(model, ids, torch.ones_like(ids)).sum()
+            return self.engine(input_ids=ids, use_cache=False).logits.sum()
+        return sequence_scores(self.engine, ids, torch.ones_like(ids)).sum()
 
     def _to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     @torch.no_grad()
-    def _forward(self, batch: Batch, fn) -> torch.Tensor:
+    def _forward(self, batch: Batch, fn: Callable[[torch.nn.Module, Batch], torch.Tensor]) -> torch.Tensor:
         self.engine.eval()
-        outs = [fn(self.engine.module, m) for m in micro_batches(self._to_device(batch), self.cfg.micro_batch_size)]
+        outs = [fn(self.engine, m) for m in micro_batches(self._to_device(batch), self.cfg.micro_batch_size)]
         return torch.cat(outs).float().cpu()
 
     # ------------------------------------------------------------------ forward-only
@@ -126,24 +124,26 @@ class LearnerWorker:
 
     def forward_rewards(self, batch: Batch) -> torch.Tensor:
         """Reward-model score at each row's last real token: [n] fp32."""
-        return self._forward(batch, lambda model, m: last_token_scores(model, m["input_ids"], m["attention_mask"]))
+        return self._forward(batch, lambda model, m: sequence_scores(model, m["input_ids"], m["attention_mask"]))
 
     # ------------------------------------------------------------------ updates
 
-    def _rows_per_minibatch(self) -> int:
-        return self.cfg.minibatch_size // self.world_size
+    def _update(self, batch: Batch, objective: Objective) -> dict[str, float]:
+        """Steps of `minibatch_size / world_size` rows each; the experience is checked for NaN/inf."""
+        rows_per_step = self.cfg.minibatch_size // self.world_size
+        return self.loop.run(self._to_device(batch), rows_per_step, objective, tokens_or_rows(self.algo), PER_TOKEN)
 
     def ppo_update(self, batch: Batch, temperature: float = 1.0) -> dict[str, float]:
         """Policy optimizer steps over this rank's rows, `minibatch_size / world_size` rows per step."""
         algo = self.algo
         objective = lambda model, micro: ppo_objective(model, micro, algo, temperature)  # noqa: E731
-        return self.loop.run(self._to_device(batch), self._rows_per_minibatch(), objective, tokens_or_rows(algo), PER_TOKEN)
+        return self._update(batch, objective)
 
     def value_update(self, batch: Batch) -> dict[str, float]:
         """Critic optimizer steps over this rank's rows, `minibatch_size / world_size` rows per step."""
         algo = self.algo
         objective = lambda model, micro: value_objective(model, micro, algo)  # noqa: E731
-        return self.loop.run(self._to_device(batch), self._rows_per_minibatch(), objective, tokens_or_rows(algo), PER_TOKEN)
+        return self._update(batch, objective)
 
     def sft_step(self, batch: Batch) -> dict[str, float]:
         """One optimizer step on all of this rank's rows (input_ids, attention_mask, loss_mask)."""
@@ -164,7 +164,7 @@ class LearnerWorker:
 
         Collective under ZeRO-3: run it to the end on every rank.
         """
-        return iter_weight_buckets(self.engine.module, bucket_bytes, self.rank)
+        return iter_weight_buckets(unwrap(self.engine.module), bucket_bytes, self.rank)
 
     def export_weights(self, bucket_bytes: int) -> list[tuple[str, torch.Tensor]]:
         """All HF-named full parameters on CPU on rank 0, [] on other ranks."""
@@ -172,7 +172,7 @@ class LearnerWorker:
 
     def weight_metas(self) -> list[TensorMeta]:
         """Name, full shape and dtype of every parameter (what the weight broadcast will send)."""
-        return weight_metas(self.engine.module)
+        return weight_metas(unwrap(self.engine.module))
 
     def join_weight_sync(self, spec: SyncGroupSpec) -> None:
         """Rank 0 joins the weight-sync group as its rank 0; the other ranks only take part in gathers."""
@@ -180,21 +180,20 @@ class LearnerWorker:
 
     def send_weights(self, plan: list[list[TensorMeta]]) -> dict[str, float]:
         """Broadcast every parameter to the rollout actors (collective); rank 0 returns per-layer checksums."""
-        return send_weights(self.engine.module, plan, getattr(self, "sync_group", None), self.rank)
+        return send_weights(unwrap(self.engine.module), plan, getattr(self, "sync_group", None), self.rank)
 
     def param_checksums(self) -> dict[str, float]:
         """float64 sum of each full parameter as this rank sees it."""
-        return param_checksums(self.engine.module, CHECKSUM_BUCKET_BYTES)
+        return param_checksums(unwrap(self.engine.module), CHECKSUM_BUCKET_BYTES)
 
     def save(self, path: str, extra: dict[str, Any]) -> None:
-        checkpoint.save(path, self.engine, self.adam, self.loop, self.rank, self.model_path, extra)
+        """Write the checkpoint (learners/checkpoint.py) with `extra` fields in its state.json."""
+        checkpoint.save(path, self.engine, self.adam, self.loop, self.rank, self.role, self.model_path, extra)
         dist.barrier()
 
     def load(self, path: str) -> dict[str, Any]:
-        return checkpoint.load(path, self.engine, self.adam, self.loop, self.rank)
-
-    def optimizer_steps(self) -> int:
-        return self.loop.optimizer_steps
+        """Restore a checkpoint written by `save`; returns its state.json."""
+        return checkpoint.load(path, self.engine, self.adam, self.loop, self.rank, self.role)
 
     def peak_rss_mib(self) -> float:
         """Peak resident memory of this process, MiB."""

@@ -136,3 +136,8 @@ class RewardNormalizer:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def brevity(prompt: str, response: str, row: dict) -> float:
+    """A length penalty: minus the response's length in hundreds of characters."""
+    return -len(response) / 100.0

@@ -20,6 +20,7 @@ from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from rlhf_ray.protocol import Sample, collate
 
 N = 8  # rows in the experience: 2 minibatches of 4, each cut into micro-batches of 2
+PPO_METRICS = ("train/policy_loss", "train/clipfrac", "train/approx_kl", "train/entropy", "train/kl_loss", "train/lr")
 ALGO = AlgorithmConfig(kl={"placement": "loss", "estimator": "k3"}, entropy_coef=0.01, tis_cap=2.0)
 
 
@@ -129,19 +130,19 @@ def test_export_weights_are_the_hf_state_dict(zero3, tiny_model_dir):
 def test_ppo_update_same_on_1_and_2_ranks_zero2_and_zero3(single, zero2, zero3, batch):
     initial = weights(single)
     exp = make_experience(batch, single.compute_logprobs(batch))
-    runs = {name: [g.ppo_update(exp), g.ppo_update(exp)] for name, g in [("single", single), ("zero2", zero2), ("zero3", zero3)]}
+    groups = {"single": single, "zero2": zero2, "zero3": zero3}
+    runs = {name: [g.ppo_update(exp), g.ppo_update(exp)] for name, g in groups.items()}
     for metrics in runs["single"]:
         assert metrics["train/skipped_steps"] == 0 and metrics["train/grad_norm"] > 0
-        assert {"train/policy_loss", "train/clipfrac", "train/approx_kl", "train/entropy", "train/kl_loss", "train/lr"} <= metrics.keys()
+        assert set(PPO_METRICS) <= metrics.keys()
     reference = weights(single)
     for name in ("zero2", "zero3"):
         for got, want in zip(runs[name], runs["single"]):
             assert got.keys() == want.keys()
             for k in want:
                 assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), (name, k)
-        group = zero2 if name == "zero2" else zero3
-        assert_ranks_identical(group)
-        assert max_diff(weights(group), reference) < 1e-5, name
+        assert_ranks_identical(groups[name])
+        assert max_diff(weights(groups[name]), reference) < 1e-5, name
     assert max_diff(reference, initial) > 1e-4  # the updates did move the weights
 
 
@@ -187,7 +188,8 @@ def test_mismatched_shapes_are_clear_errors(zero2, batch):
     exp = make_experience(batch, torch.zeros(batch["response_mask"].shape))
     exp["advantages"] = exp["advantages"][:, :-1]
     R = batch["response_mask"].shape[1]
-    with pytest.raises(ValueError, match=re.escape(f"advantages has shape ({N}, {R - 1}) but response_mask has shape ({N}, {R})")):
+    expected = f"advantages has shape ({N}, {R - 1}) but response_mask has shape ({N}, {R})"
+    with pytest.raises(ValueError, match=re.escape(expected)):
         zero2.ppo_update(exp)
     with pytest.raises(ValueError, match=r"missing \['old_logprobs'\]"):
         zero2.ppo_update({k: v for k, v in exp.items() if k != "old_logprobs"})
