@@ -36,7 +36,7 @@ from rlhf_ray.tracking import Tracker
 HIDDEN_RULE = "rlhf_ray.rewards:hidden_rule"
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SIZES = {  # the embedded default: finishes in minutes on 2 cores
-    "hidden_size": 128, "num_layers": 2, "pretrain_rows": 3000, "sft_rows": 2000, "comparison_prompts": 1500,
+    "hidden_size": 128, "num_layers": 2, "pretrain_rows": 3000, "sft_rows": 2000, "comparison_prompts": 3000,
     "label_noise_pct": 10, "ppo_prompts": 512, "eval_prompts": 200,
 }
 CHAT = DatasetConfig(template="chat")
@@ -61,7 +61,7 @@ def run_demo(cfg: RunConfig, out: Path, sizes: dict[str, int]) -> dict[str, Any]
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     seed = cfg.train.seed
-    held_out_things = THINGS[-4:]  # prompts about these never appear in SFT, RM or PPO data
+    held_out_things = THINGS[-4:]  # SFT teaches every subject; comparisons, RM and PPO never see these four
     seen_things = THINGS[:-4]
     tracker = Tracker(cfg.tracking.model_copy(update={"backend": "none"}), out / "stages", "stages", {})
     log = tracker.log
@@ -79,7 +79,7 @@ def run_demo(cfg: RunConfig, out: Path, sizes: dict[str, int]) -> dict[str, Any]
     print(f"pretrain loss {m['train/sft_loss']:.3f} nats/token", flush=True)
 
     banner("3/6 instruction finetuning (SFT)")
-    sft_rows = chat_rows(instruction_rows(sizes["sft_rows"], seed + 1, seen_things), tokenizer)
+    sft_rows = chat_rows(instruction_rows(sizes["sft_rows"], seed + 1), tokenizer)
     m = run_sft(base_cfg, sft_rows, tokenizer, str(out / "base"), out / "sft", log)
     print(f"SFT loss {m['train/sft_loss']:.3f} nats/token", flush=True)
     sft_path = str(out / "sft")
