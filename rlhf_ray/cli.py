@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 from rlhf_ray.config import ConfigError, RunConfig, load_config
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    return load_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config, *overrides]  # no config file given, only overrides
+    return load_config(config, overrides)
 
 
 def cmd_config(args: argparse.Namespace) -> None:

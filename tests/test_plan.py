@@ -4,13 +4,15 @@ batch arithmetic; the shipped recipes against the shipped cluster files; `plan_m
 import json
 from pathlib import Path
 
+import subprocess
+import sys
+
 import pytest
 import ray
 import yaml
 
-from rlhf_ray.config import ClusterConfig, load_config
-from rlhf_ray.plan import PlanError, make_plan, plan_main, resource_requests, weight_sync_backend
-from rlhf_ray.ray_utils import init_ray
+from rlhf_ray.config import load_config
+from rlhf_ray.plan import PlanError, make_plan, resource_requests, weight_sync_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 PPO = ROOT / "configs" / "qwen2.5-1.5b-ppo.yaml"
@@ -205,31 +207,27 @@ def test_recipes_fit_the_shipped_clusters(recipe, nodes):
 # ---------------------------------------------------------------- plan_main on a real local Ray
 
 
-def test_plan_main_starts_and_stops_its_own_local_head(capsys):
-    assert not ray.is_initialized()
-    cfg = load_config(None, ["cluster.num_cpus=4"])
-    assert plan_main(cfg) == 0
-    assert not ray.is_initialized()
-    out = capsys.readouterr().out
-    assert "placement" in out and "auto -> gloo" in out and "optimizer steps per RL step" in out
+def _plan_cli(*overrides: str) -> subprocess.CompletedProcess:
+    """`rlhf-ray plan` in its own process, so its local Ray head is independent of the test session's."""
+    cmd = [sys.executable, "-m", "rlhf_ray.cli", "plan", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def local_ray_2cpu():
-    init_ray(ClusterConfig(num_cpus=2))  # host 127.0.0.1, dashboard off
-    yield
-    ray.shutdown()
+def test_plan_main_starts_its_own_local_head():
+    proc = _plan_cli("cluster.num_cpus=4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "placement" in proc.stdout and "auto -> gloo" in proc.stdout
+    assert "optimizer steps per RL step" in proc.stdout
 
 
-def test_plan_main_on_2_cpus_refuses_the_default_config(local_ray_2cpu, capsys):
-    assert plan_main(load_config()) == 1
-    err = capsys.readouterr().err
-    assert "CPU: need 3.5 (rollout 1, learner 1, reward 1, reference 0.5), the cluster has 2" in err
-    assert ray.is_initialized()  # a cluster it did not start is left running
+def test_plan_main_on_2_cpus_refuses_the_default_config():
+    proc = _plan_cli("cluster.num_cpus=2")
+    assert proc.returncode == 1
+    assert "CPU: need 3.5 (rollout 1, learner 1, reward 1, reference 0.5), the cluster has 2" in proc.stderr
 
 
-def test_plan_main_on_2_cpus_accepts_a_config_that_fits(local_ray_2cpu, capsys):
-    cfg = load_config(None, ["rollout.num_cpus_per_actor=0.5", "learner.num_cpus_per_rank=0.5", "reward.num_cpus=0.5"])
-    assert plan_main(cfg) == 0
-    out = capsys.readouterr().out
-    assert "{CPU: 2}" in out and "on 1 alive node(s)" in out
+def test_plan_main_on_2_cpus_accepts_a_config_that_fits():
+    proc = _plan_cli("cluster.num_cpus=2", "rollout.num_cpus_per_actor=0.5", "learner.num_cpus_per_rank=0.5",
+                     "reward.num_cpus=0.5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "{CPU: 2}" in proc.stdout and "on 1 alive node(s)" in proc.stdout
