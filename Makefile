@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-cpu
 EXTRAS ?= cpu,test
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast clean
 
 install: $(STAMP)
 
@@ -27,10 +27,6 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q tests -m "not slow"
 
-bench: install
-	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) -m pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
-	$(VENV)/bin/rlhf-ray bench
 
 clean:
 	rm -rf runs bench/out .pytest_cache

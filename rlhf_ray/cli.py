@@ -72,11 +72,6 @@ def cmd_submit(args: argparse.Namespace) -> None:
                          installer=args.installer, no_install=args.no_install, wait=args.wait))
 
 
-def cmd_bench(args: argparse.Namespace) -> None:
-    from rlhf_ray.bench import bench_main
-
-    sys.exit(bench_main(args.out, quick=args.quick))
-
 
 def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
     if optional:
@@ -115,10 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--installer", choices=["pip", "uv"], default="pip")
             p.add_argument("--no-install", action="store_true", help="the cluster image already has rlhf_ray")
             p.add_argument("--wait", action="store_true", help="follow the job until it ends")
-    p = sub.add_parser("bench", help="throughput benchmarks; writes bench/results.{json,md,png}")
-    p.add_argument("--out", default="bench")
-    p.add_argument("--quick", action="store_true", help="tiny models, a couple of minutes")
-    p.set_defaults(fn=cmd_bench)
+
     p = sub.add_parser("make-tiny", help="build a tiny LM, tokenizer and reward model into OUT")
     p.add_argument("out")
     p.add_argument("--hidden-size", type=int, default=64)
