@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-cpu
 EXTRAS ?= cpu,test
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast test-all bench clean
 
 install: $(STAMP)
 
@@ -22,10 +22,17 @@ demo: install
 	$(VENV)/bin/rlhf-ray demo
 
 test: install
+	$(PY) -m pytest -q tests -m "not bench"
+
+test-all: install
 	$(PY) -m pytest -q tests
 
+# TRL's GRPOTrainer runs in its own venv (.venv-trl), made on first use.
+bench: install
+	$(VENV)/bin/rlhf-ray bench
+
 test-fast: install
-	$(PY) -m pytest -q tests -m "not slow"
+	$(PY) -m pytest -q tests -m "not slow and not bench"
 
 
 clean:

@@ -189,6 +189,7 @@ class RolloutActor:
                 top_k=sampling.top_k,
                 max_tokens=sampling.max_new_tokens,
                 stop=sampling.stop or None,
+                ignore_eos=sampling.ignore_eos,
                 seed=request_seed(base_seed, prompt_id, seed_step),
                 logprobs=0,  # only the sampled token's log-prob
                 detokenize=bool(sampling.stop),  # stop strings need text; otherwise ids suffice

@@ -73,6 +73,12 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from rlhf_ray.bench.main import bench_main
+
+    sys.exit(bench_main(args.out, quick=args.quick))
+
+
 def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
     if optional:
         p.add_argument("config", nargs="?", default=None, help="YAML run config (default: built-in defaults)")
@@ -110,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--installer", choices=["pip", "uv"], default="pip")
             p.add_argument("--no-install", action="store_true", help="the cluster image already has rlhf_ray")
             p.add_argument("--wait", action="store_true", help="follow the job until it ends")
+
+    p = sub.add_parser("bench", help="throughput ratios side by side (vs TRL, bare vLLM, raw gloo); writes bench/")
+    p.add_argument("--out", default="bench", help="results folder (default: bench)")
+    p.add_argument("--quick", action="store_true", help="the tiny model, a few steps: checks the pipeline only")
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("make-tiny", help="build a tiny LM, tokenizer and reward model into OUT")
     p.add_argument("out")

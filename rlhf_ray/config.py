@@ -47,6 +47,7 @@ class SamplingConfig(Section):
     top_k: int = Field(-1, ge=-1, description="-1 disables top-k.")
     max_new_tokens: int = Field(64, gt=0)
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
+    ignore_eos: bool = Field(False, description="Keep generating past EOS to max_new_tokens (fixed-length benchmarks).")
     seed: int | None = Field(None, description="Sampling seed; None derives one per request.")
 
 

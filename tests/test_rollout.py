@@ -114,6 +114,15 @@ def test_same_seed_same_samples(pool: RolloutPool, prompts: list[list[int]]) -> 
     assert [s.response_ids for s in a.samples] != [s.response_ids for s in b.samples]
 
 
+def test_ignore_eos_gives_fixed_length_responses(pool: RolloutPool, prompts: list[list[int]]) -> None:
+    """With ignore_eos every greedy response runs to max_new_tokens and starts with the EOS-stopped one."""
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=24)
+    free = pool.generate(prompts, sampling=greedy).samples
+    fixed = pool.generate(prompts, sampling=greedy.model_copy(update={"ignore_eos": True})).samples
+    assert all(len(s.response_ids) == 24 and s.finish_reason == "length" for s in fixed)
+    assert [s.response_ids[: len(f.response_ids)] for s, f in zip(fixed, free)] == [f.response_ids for f in free]
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_match_learner(
     pool: RolloutPool, hf_policy: torch.nn.Module, prompts: list[list[int]], temperature: float

@@ -1,0 +1,94 @@
+"""Weight-sync figure: a WeightBroadcaster broadcast against a raw gloo broadcast of the same bytes.
+
+The broadcast goes from a one-rank learner group to a one-actor rollout pool and includes what a
+real step pays: bucketing, the broadcast itself, and vLLM loading the tensors. The raw baseline
+is two bare processes (Ray actors) moving one flat buffer of the same size through a gloo group.
+Both are timed the same way, by the driver around the calls that start both ends, alternately.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from actors.rollout_actor import RolloutActor
+from actors.rollout_pool import RolloutPool
+from learners import LearnerGroup
+from rlhf_ray.bench.report import Figure, paired_ratio, spread
+from rlhf_ray.bench.workloads import Workload
+from rlhf_ray.broadcast import WeightBroadcaster
+from rlhf_ray.config import LearnerConfig, ModelConfig, WeightSyncConfig
+from rlhf_ray.ray_utils import free_port
+from rlhf_ray.weight_sync import SyncGroupSpec, join_sync_group
+
+
+class GlooPeer:
+    """One end of the raw baseline: a flat float32 buffer in a standalone gloo group."""
+
+    def join(self, spec: SyncGroupSpec, rank: int, numel: int) -> None:
+        self.pg = join_sync_group(spec, rank)
+        self.buffer = torch.randn(numel) if rank == 0 else torch.empty(numel)
+
+    def broadcast(self) -> None:
+        self.pg.broadcast(self.buffer, 0).wait()
+
+
+def reload_seconds(actor: RolloutActor, weights: list[tuple[str, torch.Tensor]]) -> float:
+    """Seconds for the actor's engine to load tensors it already holds: the vLLM share of a broadcast.
+
+    Runs inside the actor (through Ray's `__ray_call__`), so no bytes move.
+    """
+    start = time.perf_counter()
+    actor.update_weights(weights, actor.version())
+    return time.perf_counter() - start
+
+
+def raw_peers(nbytes: int) -> list:
+    """Two GlooPeer actors joined in one group, holding `nbytes` each."""
+    peers = [ray.remote(num_cpus=0.5)(GlooPeer).remote() for _ in range(2)]
+    spec = SyncGroupSpec("127.0.0.1", free_port(), world_size=2, backend="gloo", timeout_s=120, generation=0)
+    ray.get([p.join.remote(spec, rank, nbytes // 4) for rank, p in enumerate(peers)])
+    return peers
+
+
+def raw_broadcast_seconds(peers: list) -> float:
+    start = time.perf_counter()
+    ray.get([p.broadcast.remote() for p in peers])
+    return time.perf_counter() - start
+
+
+def weight_sync_figure(policy_path: str, pool: RolloutPool, w: Workload) -> Figure:
+    """Bytes/s of `WeightBroadcaster.broadcast` ÷ bytes/s of the raw broadcast; pool must have 1 actor."""
+    model_cfg = ModelConfig(policy_path=policy_path, max_model_len=w.max_model_len)
+    learner = LearnerGroup("policy", policy_path, LearnerConfig(num_ranks=1), model_cfg)
+    peers: list = []
+    try:
+        broadcaster = WeightBroadcaster(learner, pool, WeightSyncConfig(), backend="gloo")
+        nbytes = broadcaster.total_bytes
+        peers = raw_peers(nbytes)
+        weights = ray.put(learner.export_weights())
+        ours, raw, reload = [], [], []
+        for i in range(1 + w.sync_repeats):  # the first builds the group and is dropped
+            stats = broadcaster.broadcast()
+            raw_s = raw_broadcast_seconds(peers)
+            reload_s = ray.get(pool.actors[0].__ray_call__.remote(reload_seconds, weights))
+            if i > 0:
+                ours.append(nbytes / stats.seconds / 1e9)
+                raw.append(nbytes / raw_s / 1e9)
+                reload.append(reload_s)
+    finally:
+        for p in peers:
+            ray.kill(p)
+        learner.shutdown()
+    details = {"megabytes": nbytes / 1e6}
+    details |= {f"broadcaster_gb_per_s_{k}": v for k, v in spread(ours).items()}
+    details |= {f"raw_gloo_gb_per_s_{k}": v for k, v in spread(raw).items()}
+    details |= {f"vllm_reload_s_{k}": v for k, v in spread(reload).items()}
+    return Figure(
+        "weight_sync", "Weight sync (broadcaster ÷ raw gloo)", *paired_ratio(ours, raw),
+        goal=0.8, higher_is_better=True, details=details,
+        note="the broadcaster's time includes vLLM loading the weights (reload_weights, timed alone in "
+        "vllm_reload_s); the raw baseline only moves bytes",
+    )  # fmt: skip

@@ -1,0 +1,137 @@
+"""Training figures: end-to-end GRPO against TRL, async overlap, and the driver's overhead.
+
+Four runs of `train_steps` GRPO steps each, back to back, `train_rounds` times over (see
+`run_grpo` for the steps that are not measured):
+
+    e2e     rlhf_ray, synchronous: 2 rollout actors, a 2-thread learner (both cores for each stage)
+    trl     TRL's GRPOTrainer on the same model, prompts, group size, lengths and optimizer settings
+    sync    rlhf_ray, 1 rollout actor and a 1-thread learner, few long responses, so that
+    async   generating a batch takes about as long as the update; the same with train.async_mode
+
+The overhead figure and the stage breakdown come from the e2e run's `timing/*` metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+from rlhf_ray.bench import trl_baseline
+from rlhf_ray.bench.report import Figure, ratio_of_medians, skipped, spread
+from rlhf_ray.bench.workloads import BETAS, KL_COEF, LEARNING_RATE, Workload, grpo_config
+from rlhf_ray.config import RunConfig
+
+STAGES = ("generate", "reward", "reference", "logprobs", "update", "sync")
+E2E_TITLE = "End-to-end GRPO tokens/s (rlhf_ray ÷ TRL)"
+
+
+def run_grpo(cfg: RunConfig, run_dir: Path) -> list[dict[str, float]]:
+    """Run the driver for cfg.train.steps steps; returns the metrics of every step but the first and last.
+
+    The first is the warm-up; in async mode the last has no next batch to generate during its
+    update, so neither is a steady-state step (both are dropped in both modes, alike).
+    """
+    from rlhf_ray.driver import train
+
+    shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl is appended to, never truncated
+    train(cfg, run_dir)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the final save is ~370 MB; only metrics matter
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines][1:-1]
+
+
+def step_throughput(steps: list[dict[str, float]], samples: int) -> tuple[list[float], list[float]]:
+    """(samples/s, tokens/s) of each driver step."""
+    per_s = [samples / s["timing/step_s"] for s in steps]
+    tokens = [samples * s["rollout/response_len_mean"] / s["timing/step_s"] for s in steps]
+    return per_s, tokens
+
+
+def e2e_figure(ours: list[dict[str, float]], trl: list[dict[str, float]], samples: int) -> Figure:
+    """tokens/s of a GRPO step, rlhf_ray ÷ TRL (samples/s in the details)."""
+    our_samples, our_tokens = step_throughput(ours, samples)
+    trl_samples = [s["samples"] / s["step_s"] for s in trl]
+    trl_tokens = [s["tokens"] / s["step_s"] for s in trl]
+    details = {"samples_per_s_ratio": ratio_of_medians(our_samples, trl_samples)[0]}
+    for name, values in [("rlhf_ray_samples_per_s", our_samples), ("trl_samples_per_s", trl_samples),
+                         ("rlhf_ray_tokens_per_s", our_tokens), ("trl_tokens_per_s", trl_tokens)]:  # fmt: skip
+        details[f"{name}_median"] = spread(values)["median"]
+    return Figure(
+        "e2e_vs_trl", E2E_TITLE, *ratio_of_medians(our_tokens, trl_tokens), goal=3.0, higher_is_better=True,
+        details=details, note="TRL generates with transformers `generate` (use_vllm=False); same model, prompts, "
+        "group size, lengths, lr, betas, clip and KL (k3, in the loss)",
+    )  # fmt: skip
+
+
+def overhead_figure(steps: list[dict[str, float]]) -> tuple[Figure, dict[str, float]]:
+    """1 − (sum of stage times) ÷ step time per step, and the median seconds of each stage."""
+    outside = [s["timing/step_s"] - sum(s[f"timing/{k}_s"] for k in STAGES) for s in steps]
+    fractions = [o / s["timing/step_s"] for o, s in zip(outside, steps)]
+    stages = {k: statistics.median(s[f"timing/{k}_s"] for s in steps) for k in STAGES}
+    stages["other"] = statistics.median(outside)
+    figure = Figure(
+        "overhead", "Driver overhead (step time outside stages)", statistics.median(fractions), min(fractions),
+        max(fractions), goal=0.05, higher_is_better=False, unit="%",
+        details={f"{k}_s": v for k, v in stages.items()},
+    )  # fmt: skip
+    return figure, stages
+
+
+def async_figure(sync_steps: list[dict[str, float]], async_steps: list[dict[str, float]]) -> Figure:
+    """Async step time ÷ synchronous step time on the balanced workload."""
+    sync_s = [s["timing/step_s"] for s in sync_steps]
+    async_s = [s["timing/step_s"] for s in async_steps]
+    details = {f"sync_step_s_{k}": v for k, v in spread(sync_s).items()}
+    details |= {f"async_step_s_{k}": v for k, v in spread(async_s).items()}
+    for stage in ("generate", "update"):
+        details[f"sync_{stage}_s"] = statistics.median(s[f"timing/{stage}_s"] for s in sync_steps)
+    return Figure(
+        "async_overlap", "Async step time ÷ sync step time", *ratio_of_medians(async_s, sync_s),
+        goal=0.7, higher_is_better=False, details=details,
+    )  # fmt: skip
+
+
+def trl_steps(w: Workload, policy: Path, prompts_file: Path, out_dir: Path) -> list[dict[str, float]]:
+    """TRL's per-step timings on the e2e workload (installs TRL's venv on first use)."""
+    python = trl_baseline.ensure_trl_python()
+    return trl_baseline.run_trl(
+        python, policy, prompts_file, out_dir, steps=w.train_steps, prompts_per_step=w.train_prompts,
+        group_size=w.group_size, response_len=w.response_len, lr=LEARNING_RATE, betas=BETAS, kl_coef=KL_COEF,
+    )  # fmt: skip
+
+
+def training_figures(
+    w: Workload, policy: Path, prompts_file: Path, runs: Path
+) -> tuple[list[Figure], dict[str, float]]:
+    """The e2e, async and overhead figures, and the e2e runs' median stage seconds.
+
+    The four runs go round `w.train_rounds` times, so that a stretch of load from elsewhere on the
+    machine falls on both sides of each ratio rather than on one run; steps of all rounds are pooled.
+    """
+    e2e = dict(prompts_per_step=w.train_prompts, response_len=w.response_len, rollout_actors=2, learner_threads=2)
+    balanced = dict(
+        prompts_per_step=w.async_prompts, response_len=w.async_response_len, rollout_actors=1, learner_threads=1
+    )
+    runs_of: dict[str, list[dict[str, float]]] = {"e2e": [], "trl": [], "sync": [], "async": []}
+    trl_error: trl_baseline.TRLUnavailable | None = None
+    for _ in range(w.train_rounds):
+        runs_of["e2e"] += run_grpo(grpo_config(w, policy, prompts_file, runs, async_mode=False, **e2e), runs / "e2e")
+        if trl_error is None:
+            try:
+                runs_of["trl"] += trl_steps(w, policy, prompts_file, runs / "trl")
+            except trl_baseline.TRLUnavailable as err:
+                print(f"bench: skipping the TRL comparison: {err}", flush=True)
+                trl_error = err
+        for mode in ("sync", "async"):
+            cfg = grpo_config(w, policy, prompts_file, runs, async_mode=mode == "async", **balanced)
+            runs_of[mode] += run_grpo(cfg, runs / mode)
+
+    samples = w.train_prompts * w.group_size
+    if trl_error is None:
+        e2e_fig = e2e_figure(runs_of["e2e"], runs_of["trl"], samples)
+    else:
+        e2e_fig = skipped("e2e_vs_trl", E2E_TITLE, 3.0, True, note=f"TRL could not run: {trl_error.reason}")
+    overhead, stages = overhead_figure(runs_of["e2e"])
+    return [e2e_fig, async_figure(runs_of["sync"], runs_of["async"]), overhead], stages
