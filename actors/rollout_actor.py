@@ -23,7 +23,7 @@ import torch
 
 from rlhf_ray.config import ModelConfig, RolloutConfig, SamplingConfig
 from rlhf_ray.protocol import Sample
-from rlhf_ray.weight_sync import SyncGroupSpec, TensorMeta, join_sync_group, receive_bucket, sum_by_layer
+from rlhf_ray.weight_sync import SyncGroupSpec, TensorMeta, join_sync_group, post_receive, sum_by_layer, wait_all
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +250,10 @@ class RolloutActor:
         """Join the weight-sync group (rank 0 is the sending learner); replaces any earlier group."""
         self._sync_group = join_sync_group(spec, rank)
 
-    def receive_weights(self, plan: list[list[TensorMeta]], version: int) -> None:
+    def receive_weights(self, plan: list[list[TensorMeta]], version: int) -> float:
         """Receive every bucket of a broadcast and reload it in place, then serve as policy `version`.
+
+        Returns the seconds spent in vLLM's reload (the rest of the call is waiting for bytes).
 
         Buckets hold whole layers (`plan_buckets`), so each reload sees complete fused modules.
         Until the last bucket has arrived the actor takes no generate call (Ray runs calls one at a time).
@@ -260,9 +262,18 @@ class RolloutActor:
             raise RuntimeError(f"{self.name}: receive_weights before join_weight_sync")
         if version < self._version:
             raise ValueError(f"{self.name}: weights of version {version} are older than the served {self._version}")
-        for bucket in plan:
-            self._reload(receive_bucket(self._sync_group, bucket))
+        reload_s = 0.0
+        pending = post_receive(self._sync_group, plan[0])
+        for k in range(len(plan)):
+            named, works = pending
+            wait_all(works)
+            if k + 1 < len(plan):  # the next bucket travels while this one loads
+                pending = post_receive(self._sync_group, plan[k + 1])
+            start = time.perf_counter()
+            self._reload(named)
+            reload_s += time.perf_counter() - start
         self._version = version
+        return reload_s
 
     def weight_report(self) -> tuple[int, dict[str, float]]:
         """(served policy version, per-layer checksums of the loaded weights) for broadcast verification."""

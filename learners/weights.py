@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import deepspeed
 import torch
 
-from rlhf_ray.weight_sync import TensorMeta, checksum, layer_checksums, send_bucket
+from rlhf_ray.weight_sync import TensorMeta, checksum, layer_checksums, send_bucket, wait_all
 
 Named = list[tuple[str, torch.Tensor]]
 
@@ -107,6 +107,7 @@ def send_weights(model: torch.nn.Module, plan: list[list[TensorMeta]], pg: Any, 
         with deepspeed.zero.GatheredParameters(group, modifier_rank=None):
             if rank == 0:
                 named = [(m.name, p.detach()) for m, p in zip(bucket, group)]
-                send_bucket(pg, named, device=str(group[0].device))
-                sums.update(layer_checksums(named))  # buckets hold whole layers
+                works = send_bucket(pg, named, device=str(group[0].device))
+                sums.update(layer_checksums(named))  # while the bytes travel; buckets hold whole layers
+                wait_all(works)  # before ZeRO-3 releases the gathered tensors
     return sums

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 class BroadcastStats:
     version: int
     bytes: int
-    seconds: float
+    seconds: float  # from the driver's call until every actor has loaded the weights
+    reload_seconds: float = 0.0  # of those, the slowest actor's time inside vLLM's reload
 
     @property
     def gb_per_s(self) -> float:
@@ -97,7 +98,7 @@ class WeightBroadcaster:
         self.pool.version = version
         if self.cfg.verify:
             self.verify(results[0])
-        return BroadcastStats(version, self.total_bytes, seconds)
+        return BroadcastStats(version, self.total_bytes, seconds, max(results[len(send):], default=0.0))
 
     def _repair_after(self, err: ActorCallError) -> None:
         """After a failed broadcast: drop dead rollout actors, resend the current weights to the survivors.

@@ -76,7 +76,7 @@ def cmd_submit(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from rlhf_ray.bench.main import bench_main
 
-    sys.exit(bench_main(args.out, quick=args.quick))
+    sys.exit(bench_main(args.out, quick=args.quick, only=args.only))
 
 
 def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput ratios side by side (vs TRL, bare vLLM, raw gloo); writes bench/")
     p.add_argument("--out", default="bench", help="results folder (default: bench)")
     p.add_argument("--quick", action="store_true", help="the tiny model, a few steps: checks the pipeline only")
+    p.add_argument("--only", action="append", choices=["rollout", "sync", "training"], default=None,
+                   help="run only this group of figures (repeatable; default: all)")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("make-tiny", help="build a tiny LM, tokenizer and reward model into OUT")

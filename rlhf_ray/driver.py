@@ -124,6 +124,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
                 "reward/std": float(rewards["scores"].std()),
                 "reward/masked_rows": float((~rewards["valid"]).sum()),
                 "perf/sync_gb_per_s": sync.gb_per_s,
+                "timing/sync_reload_s": sync.reload_seconds,
                 "perf/samples_per_s": len(rollout.samples) / (time.perf_counter() - step_start),
             }
             step_metrics |= {f"reward/{k}_mean": float(v.float().mean()) for k, v in rewards.items() if k not in ("scores", "valid")}

@@ -67,6 +67,7 @@ METRICS: dict[str, str] = {
     "timing/logprobs_s": "Learner log-probs and critic values of the samples (s).",
     "timing/update_s": "PPO epochs on the learner group (s).",
     "timing/sync_s": "Broadcasting the new weights to the rollout actors (s).",
+    "timing/sync_reload_s": "Of timing/sync_s, the slowest rollout actor's time inside vLLM's weight reload (s).",
     "timing/step_s": "The whole step (s).",
 }
 

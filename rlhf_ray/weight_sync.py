@@ -3,8 +3,9 @@
 A standalone process group (gloo on CPU, NCCL on GPU) joins learner rank 0
 (rank 0 of the group) and every vLLM worker (ranks 1..W). It is created over
 its own TCP store, so it touches neither the learners' training group nor
-vLLM's groups. Parameters travel in buckets: each bucket is one flat buffer
-per dtype, broadcast from rank 0, then cut back into named tensors.
+vLLM's groups. Parameters travel in buckets of whole layers (the unit vLLM
+reloads), one broadcast per tensor, issued asynchronously so transfers overlap
+the sender's checksums and the receiver's reload of the previous bucket.
 """
 
 from __future__ import annotations
@@ -97,44 +98,40 @@ def join_sync_group(spec: SyncGroupSpec, rank: int) -> dist.ProcessGroup:
     return dist.ProcessGroupNCCL(prefixed, rank, spec.world_size, opts)
 
 
-def _flat_by_dtype(metas: list[TensorMeta]) -> dict[str, list[TensorMeta]]:
-    groups: dict[str, list[TensorMeta]] = {}
-    for m in metas:
-        groups.setdefault(m.dtype, []).append(m)
-    return groups
+def send_bucket(pg: dist.ProcessGroup, named: list[tuple[str, torch.Tensor]], device: str = "cpu") -> list:
+    """Start broadcasting one bucket from rank 0, one collective per tensor; returns the pending works.
 
-
-def send_bucket(pg: dist.ProcessGroup, named: list[tuple[str, torch.Tensor]], device: str = "cpu") -> int:
-    """Broadcast one bucket from rank 0; returns the bytes sent."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    Each tensor goes as it lies in memory: packing a bucket into one flat buffer first costs a full
+    copy, which on CPU took as long as the transfer itself. Keep the tensors alive and unmodified
+    until every work has finished (`wait_all`).
+    """
+    works = []
     for _, t in named:
-        by_dtype.setdefault(t.dtype, []).append(t.detach().reshape(-1))
-    sent = 0
-    for dtype in sorted(by_dtype, key=str):
-        flat = torch.cat(by_dtype[dtype]).to(device)
-        pg.broadcast(flat, 0).wait()
-        sent += flat.numel() * flat.element_size()
-    return sent
+        works.append(pg.broadcast(t.detach().to(device).contiguous(), 0))
+    return works
 
 
-def receive_bucket(pg: dist.ProcessGroup, metas: list[TensorMeta], device: str = "cpu") -> list[tuple[str, torch.Tensor]]:
-    """Receive one bucket broadcast by `send_bucket`; returns (name, tensor) in the order of `metas`."""
-    out: dict[str, torch.Tensor] = {}
-    groups = _flat_by_dtype(metas)
-    for dtype in sorted(groups, key=lambda d: str(getattr(torch, d))):
-        members = groups[dtype]
-        flat = torch.empty(sum(m.numel for m in members), dtype=members[0].torch_dtype, device=device)
-        pg.broadcast(flat, 0).wait()
-        offset = 0
-        for m in members:
-            out[m.name] = flat[offset : offset + m.numel].view(m.shape)
-            offset += m.numel
-    return [(m.name, out[m.name]) for m in metas]
+def post_receive(
+    pg: dist.ProcessGroup, metas: list[TensorMeta], device: str = "cpu"
+) -> tuple[list[tuple[str, torch.Tensor]], list]:
+    """Post the receives of one bucket broadcast by `send_bucket`, without waiting.
+
+    Returns (name, tensor) in the order of `metas` and the pending works; the tensors hold the
+    learner's values once `wait_all(works)` returns. Posting the next bucket before loading the
+    current one overlaps the transfer with vLLM's reload.
+    """
+    named = [(m.name, torch.empty(m.shape, dtype=m.torch_dtype, device=device)) for m in metas]
+    return named, [pg.broadcast(t, 0) for _, t in named]
+
+
+def wait_all(works: list) -> None:
+    for work in works:
+        work.wait()
 
 
 def checksum(tensor: torch.Tensor) -> float:
-    """A cheap fingerprint of a tensor: the float64 sum of its elements."""
-    return float(tensor.detach().to(torch.float64).sum())
+    """A cheap fingerprint of a tensor: the sum of its elements, accumulated in float64."""
+    return float(tensor.detach().sum(dtype=torch.float64))
 
 
 def layer_of(name: str) -> str:

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 from rlhf_ray.bench.main import run_bench
 from rlhf_ray.bench.report import Figure, paired_ratio, ratio_of_medians, skipped, write_report
 from rlhf_ray.bench.reward import letter_fraction
+from rlhf_ray.bench.sync import line_fit
 from rlhf_ray.bench.training import e2e_figure, overhead_figure
 from rlhf_ray.bench.workloads import QUICK, prompt_texts
 
@@ -75,6 +76,10 @@ def test_report_files_from_given_figures(tmp_path: Path) -> None:
     check_report(tmp_path, {"rollout_efficiency", "overhead", "e2e_vs_trl"})
 
 
+def test_line_fit_recovers_a_line() -> None:
+    assert line_fit([1.0, 2.0, 4.0], [2.5, 3.0, 4.0]) == pytest.approx((2.0, 0.5))
+
+
 def test_overhead_is_the_step_time_outside_the_stages() -> None:
     stages = {"generate": 1.8, "reward": 0.1, "reference": 0.5, "logprobs": 0.5, "update": 1.5, "sync": 0.4}
     step = {f"timing/{k}_s": v for k, v in stages.items()} | {"timing/step_s": 5.0, "rollout/response_len_mean": 60.0}
@@ -106,7 +111,10 @@ def test_quick_rollout_and_sync_figures(tmp_path: Path, ray_cluster: None) -> No
     """Real pools, a real learner and a real broadcast on the tiny model, reported."""
     run_bench(tmp_path, quick=True, figures=("rollout", "sync"))
     figures = check_report(tmp_path, {"rollout_efficiency", "rollout_scaling", "weight_sync"})
-    assert figures["weight_sync"]["details"]["megabytes"] > 0
+    details = figures["weight_sync"]["details"]
+    assert details["megabytes"] > 0 and details["without_reload_ratio_median"] > 0
+    assert details["size_0_mb"] < details["size_1_mb"] and all(details[f"size_{i}_s"] > 0 for i in (0, 1))
+    assert math.isfinite(details["size_fit_fixed_s"]) and math.isfinite(details["size_fit_s_per_gb"])
 
 
 @pytest.mark.bench

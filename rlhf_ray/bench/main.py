@@ -58,7 +58,7 @@ def run_bench(out_dir: Path, quick: bool, figures: tuple[str, ...] = FIGURES) ->
                     _lap("rollout", start, seconds)
                 if "sync" in figures:
                     pool2.shutdown()  # frees its Ray CPUs for the learner (the test cluster has only 4)
-                    results.append(sync.weight_sync_figure(str(policy), pool1, w))
+                    results.append(sync.weight_sync_figure(str(policy), pool1, w, work / "models"))
                     _lap("sync", start, seconds)
             finally:
                 pool1.shutdown()
@@ -106,11 +106,11 @@ def run_meta(w: Workload, seconds: float, load_before: float) -> dict[str, Any]:
     }
 
 
-def bench_main(out_dir: str = "bench", quick: bool = False) -> int:
+def bench_main(out_dir: str = "bench", quick: bool = False, only: list[str] | None = None) -> int:
     """Entry point of `rlhf-ray bench`: every figure on the FULL (or QUICK) workload; returns an exit code.
 
     Writes out_dir/results.json, results.md and results.png and prints the table. The exit code
     is 0 even when a goal is missed: a benchmark reports, it does not gate.
     """
-    run_bench(Path(out_dir), quick)
+    run_bench(Path(out_dir), quick, tuple(only) if only else FIGURES)
     return 0

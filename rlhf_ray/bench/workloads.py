@@ -1,9 +1,8 @@
 """The fixed benchmark workloads: model shape, prompts, sampling and the GRPO run configs.
 
 Prompts all have exactly `prompt_len` tokens (sentences of the synthetic language picked by
-their token count). Responses run to `response_len` tokens unless the random-init policy
-samples EOS first (about 1 token in 470), so every throughput figure counts the tokens really
-generated rather than assuming the length.
+their token count). Responses run to exactly `response_len` tokens (vLLM's `ignore_eos`, TRL's
+`min_new_tokens`); every throughput figure still counts the tokens really generated.
 """
 
 from __future__ import annotations
@@ -54,6 +53,7 @@ class Workload:
     group_size: int  # samples per prompt (n), every figure
     rollout_repeats: int  # measured rounds of the rollout figures, after one warm-up round
     sync_repeats: int  # measured broadcasts, after one warm-up
+    sync_sizes: tuple[tuple[int, int], ...]  # (hidden, layers) of more models timed for broadcast seconds vs size
     train_prompts: int  # prompts per GRPO step (end-to-end and overhead)
     train_steps: int  # GRPO steps of each run; the first and the last are not measured
     train_rounds: int  # times the four training runs (e2e, TRL, sync, async) alternate
@@ -71,13 +71,13 @@ class Workload:
 # ~31M parameters (hidden 512, 8 layers): big enough that model compute, not Ray calls, sets the pace.
 FULL = Workload(
     name="full", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, prompt_len=15, response_len=64,
-    rollout_prompts=16, group_size=4, rollout_repeats=3, sync_repeats=4,
+    rollout_prompts=16, group_size=4, rollout_repeats=3, sync_repeats=4, sync_sizes=((256, 4), (768, 12)),
     train_prompts=4, train_steps=4, train_rounds=2, async_prompts=1, async_response_len=128,
 )
 # make_tiny's default shape (~0.2M parameters): the whole pipeline in a couple of minutes.
 QUICK = Workload(
     name="quick", hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, prompt_len=9, response_len=16,
-    rollout_prompts=4, group_size=2, rollout_repeats=2, sync_repeats=3,
+    rollout_prompts=4, group_size=2, rollout_repeats=2, sync_repeats=3, sync_sizes=((128, 2),),
     train_prompts=2, train_steps=4, train_rounds=1, async_prompts=2, async_response_len=16,
 )
 
