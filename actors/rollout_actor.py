@@ -22,6 +22,7 @@ import time
 import torch
 
 from rlhf_ray.config import ModelConfig, RolloutConfig, SamplingConfig
+from rlhf_ray.cuda_ipc import SharedBucket, open_bucket
 from rlhf_ray.protocol import Sample
 from rlhf_ray.weight_sync import SyncGroupSpec, TensorMeta, join_sync_group, post_receive, sum_by_layer, wait_all
 
@@ -75,6 +76,38 @@ def _reload_weights(worker, named_tensors: list[tuple[str, torch.Tensor]]) -> No
     worker.model_runner.reload_weights(weights_iterator=iter(named_tensors))
 
 
+def _join_sync_group(worker, spec: SyncGroupSpec, first_rank: int) -> None:
+    """In each vLLM worker: join the weight-sync group as rank first_rank + the worker's own rank."""
+    worker.weight_sync_group = join_sync_group(spec, first_rank + worker.rank)
+    worker.weight_sync_device = f"cuda:{torch.cuda.current_device()}" if spec.backend == "nccl" else "cpu"
+
+
+def _receive_and_reload(worker, plan: list[list[TensorMeta]]) -> float:
+    """In each vLLM worker: receive every bucket and reload it; returns the seconds spent reloading.
+
+    The next bucket's receives are posted before the current bucket loads, so bytes travel
+    while vLLM copies (and on CPU repacks) the previous layers.
+    """
+    pg, device = worker.weight_sync_group, worker.weight_sync_device
+    reload_s = 0.0
+    pending = post_receive(pg, plan[0], device)
+    for k in range(len(plan)):
+        named, works = pending
+        wait_all(works)
+        if k + 1 < len(plan):
+            pending = post_receive(pg, plan[k + 1], device)
+        start = time.perf_counter()
+        worker.model_runner.reload_weights(weights_iterator=iter(named))
+        reload_s += time.perf_counter() - start
+    return reload_s
+
+
+def _reload_shared(worker, shared: SharedBucket) -> None:
+    """In each vLLM worker: open the learner's CUDA IPC buffers on this GPU and reload from those views."""
+    worker.model_runner.reload_weights(weights_iterator=iter(open_bucket(shared)))
+    torch.cuda.current_stream().synchronize()  # done reading before the learner frees the buffers
+
+
 def _weight_groups(worker) -> dict[str, str]:
     """HF tensor name -> the vLLM module it loads into (e.g. q_proj.bias -> qkv_proj).
 
@@ -117,7 +150,7 @@ def _parameter_sums(worker) -> dict[str, float]:
             if param.numel() == 0 and param_name == "weight" and hasattr(module, "cpu_linear"):
                 sums[name] = _packed_linear_sum(module)
             else:
-                sums[name] = float(param.detach().double().sum())
+                sums[name] = float(param.detach().sum(dtype=torch.float64))
     return sums
 
 
@@ -232,8 +265,8 @@ class RolloutActor:
         self._reload(named_tensors)
         self._version = version
 
-    def _reload(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        names = {name for name, _ in named_tensors}
+    def _check_complete(self, names: set[str]) -> None:
+        """Raise unless `names` cover every tensor of each vLLM module they touch (fused modules load whole)."""
         touched = {self._weight_groups[n] for n in names if n in self._weight_groups}
         missing = sorted(n for n, module in self._weight_groups.items() if module in touched and n not in names)
         if missing:
@@ -241,39 +274,55 @@ class RolloutActor:
                 f"{self.name}: update_weights would leave modules half-loaded; also send {', '.join(missing)} "
                 "in the same call"
             )
+
+    def _reload(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        self._check_complete({name for name, _ in named_tensors})
         self.llm.collective_rpc(_reload_weights, args=(named_tensors,))
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 
     # ------------------------------------------------------------------ weight broadcast
 
     def join_weight_sync(self, spec: SyncGroupSpec, rank: int) -> None:
-        """Join the weight-sync group (rank 0 is the sending learner); replaces any earlier group."""
-        self._sync_group = join_sync_group(spec, rank)
+        """Every vLLM worker of this actor joins the weight-sync group (rank 0 is the sending learner).
+
+        The workers take ranks rank .. rank + tensor_parallel_size - 1; a new group replaces any earlier one.
+        """
+        self.llm.collective_rpc(_join_sync_group, args=(spec, rank))
+        self._sync_generation = spec.generation
 
     def receive_weights(self, plan: list[list[TensorMeta]], version: int) -> float:
-        """Receive every bucket of a broadcast and reload it in place, then serve as policy `version`.
+        """Every vLLM worker receives each bucket of a broadcast and reloads it in place; then serve `version`.
 
-        Returns the seconds spent in vLLM's reload (the rest of the call is waiting for bytes).
-
-        Buckets hold whole layers (`plan_buckets`), so each reload sees complete fused modules.
-        Until the last bucket has arrived the actor takes no generate call (Ray runs calls one at a time).
+        Returns the slowest worker's seconds inside vLLM's reload (the rest of the call is waiting
+        for bytes). Buckets hold whole layers (`plan_buckets`), so each reload sees complete fused
+        modules. Until the last bucket has arrived the actor takes no generate call (Ray runs calls
+        one at a time).
         """
-        if getattr(self, "_sync_group", None) is None:
+        if getattr(self, "_sync_generation", None) is None:
             raise RuntimeError(f"{self.name}: receive_weights before join_weight_sync")
         if version < self._version:
             raise ValueError(f"{self.name}: weights of version {version} are older than the served {self._version}")
-        reload_s = 0.0
-        pending = post_receive(self._sync_group, plan[0])
-        for k in range(len(plan)):
-            named, works = pending
-            wait_all(works)
-            if k + 1 < len(plan):  # the next bucket travels while this one loads
-                pending = post_receive(self._sync_group, plan[k + 1])
-            start = time.perf_counter()
-            self._reload(named)
-            reload_s += time.perf_counter() - start
+        for bucket in plan:
+            self._check_complete({m.name for m in bucket})
+        reload_s = max(self.llm.collective_rpc(_receive_and_reload, args=(plan,)))
+        self.llm.reset_prefix_cache()
         self._version = version
         return reload_s
+
+    def receive_shared(self, shared: SharedBucket, version: int | None) -> float:
+        """Load one bucket from the colocated learner's CUDA IPC handles; returns the reload seconds.
+
+        The broadcaster sends the buckets in order and passes `version` with the last one, after
+        which the actor serves that version (Ray runs one call at a time, so no generate call
+        sees a half-loaded model).
+        """
+        start = time.perf_counter()
+        self._check_complete({m.name for m in shared.metas})
+        self.llm.collective_rpc(_reload_shared, args=(shared,))
+        self.llm.reset_prefix_cache()
+        if version is not None:
+            self._version = version
+        return time.perf_counter() - start
 
     def weight_report(self) -> tuple[int, dict[str, float]]:
         """(served policy version, per-layer checksums of the loaded weights) for broadcast verification."""

@@ -88,6 +88,11 @@ class RolloutPool:
     def num_actors(self) -> int:
         return len(self.members)
 
+    @property
+    def workers_per_actor(self) -> int:
+        """vLLM workers behind each actor (its tensor-parallel size); each joins the weight-sync group."""
+        return self.cfg.tensor_parallel_size
+
     # ------------------------------------------------------------------ placement
 
     def _free_core(self, taken: list[int | None]) -> int:

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import deepspeed
 import torch
 
+from rlhf_ray.cuda_ipc import SharedBucket, export_bucket
 from rlhf_ray.weight_sync import TensorMeta, checksum, layer_checksums, send_bucket, wait_all
 
 Named = list[tuple[str, torch.Tensor]]
@@ -111,3 +112,21 @@ def send_weights(model: torch.nn.Module, plan: list[list[TensorMeta]], pg: Any, 
                 sums.update(layer_checksums(named))  # while the bytes travel; buckets hold whole layers
                 wait_all(works)  # before ZeRO-3 releases the gathered tensors
     return sums
+
+
+def share_bucket(
+    model: torch.nn.Module, bucket: list[TensorMeta], rank: int
+) -> tuple[SharedBucket | None, list[torch.Tensor], dict[str, float]]:
+    """Export one bucket through CUDA IPC (colocated rollout actors): handles, buffers to keep, checksums.
+
+    Collective under ZeRO-3 (every rank gathers the bucket); only rank 0 exports, the others get
+    (None, [], {}). The buffers are copies, so the gathered parameters can be released at once.
+    """
+    params = dict(model.named_parameters())
+    group = [params[m.name] for m in bucket]
+    with deepspeed.zero.GatheredParameters(group, modifier_rank=None):
+        if rank != 0:
+            return None, [], {}
+        named = [(m.name, p.detach()) for m, p in zip(bucket, group)]
+        shared, buffers = export_bucket(named)
+        return shared, buffers, layer_checksums(named)

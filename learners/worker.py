@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from rlhf_ray.cuda_ipc import SharedBucket
 from rlhf_ray.modeling import response_logprobs
 from rlhf_ray.ray_utils import free_port
 from rlhf_ray.weight_sync import SyncGroupSpec, TensorMeta, join_sync_group
@@ -38,7 +39,7 @@ from .objectives import (
 )
 from .optim import build_optimizer, deepspeed_config
 from .training import Objective, StepLoop
-from .weights import iter_weight_buckets, param_checksums, send_weights, weight_metas
+from .weights import iter_weight_buckets, param_checksums, send_weights, share_bucket, weight_metas
 
 Batch = dict[str, Any]
 CHECKSUM_BUCKET_BYTES = 2**28
@@ -181,6 +182,19 @@ class LearnerWorker:
     def send_weights(self, plan: list[list[TensorMeta]]) -> dict[str, float]:
         """Broadcast every parameter to the rollout actors (collective); rank 0 returns per-layer checksums."""
         return send_weights(unwrap(self.engine.module), plan, getattr(self, "sync_group", None), self.rank)
+
+    def share_bucket(self, bucket: list[TensorMeta]) -> tuple[SharedBucket | None, dict[str, float]]:
+        """CUDA IPC handles of one bucket for colocated actors, and its per-layer checksums (rank 0; collective).
+
+        Rank 0 keeps the exported buffers until `release_shared`, after every actor has loaded them.
+        """
+        shared, buffers, sums = share_bucket(unwrap(self.engine.module), bucket, self.rank)
+        self._shared_buffers = getattr(self, "_shared_buffers", []) + buffers
+        return shared, sums
+
+    def release_shared(self) -> None:
+        """Drop the buffers exported by `share_bucket` (their memory returns to the caching allocator)."""
+        self._shared_buffers = []
 
     def param_checksums(self) -> dict[str, float]:
         """float64 sum of each full parameter as this rank sees it."""

@@ -37,9 +37,12 @@ class WeightBroadcaster:
     """Keeps a weight-sync group between a learner group and a rollout pool, and broadcasts through it.
 
     `learners` must offer `workers` (Ray handles, rank 0 first) with `weight_metas()`,
-    `join_weight_sync(spec)` and `send_weights(plan)`; `pool` must offer `actors`, `actor_names`
-    and `version`, its actors `join_weight_sync(spec, rank)`, `receive_weights(plan, version)` and
-    `weight_report()`.
+    `join_weight_sync(spec)` and `send_weights(plan)`; `pool` must offer `actors`, `actor_names`,
+    `workers_per_actor` (vLLM workers per actor, each a member of the group) and `version`, its
+    actors `join_weight_sync(spec, rank)`, `receive_weights(plan, version)` and `weight_report()`.
+    With backend "cuda_ipc" (learner rank 0 and the actors on one GPU) no group is built: the
+    workers' `share_bucket(bucket)`/`release_shared()` and the actors' `receive_shared(shared,
+    version)` carry the buckets instead.
     """
 
     def __init__(self, learners: Any, pool: Any, cfg: WeightSyncConfig, backend: str = "gloo"):
@@ -56,20 +59,21 @@ class WeightBroadcaster:
 
     def _ensure_group(self) -> None:
         """(Re)build the group when the pool's membership changed since the last broadcast."""
-        if self.members == list(self.pool.actor_names):
+        if self.backend == "cuda_ipc" or self.members == list(self.pool.actor_names):
             return
         self.generation += 1
         spec = SyncGroupSpec(
             master_addr=self.cfg.master_addr,
             master_port=free_port(self.cfg.master_addr),
-            world_size=1 + len(self.pool.actors),
+            world_size=1 + len(self.pool.actors) * self.pool.workers_per_actor,
             backend=self.backend,
             timeout_s=self.cfg.timeout_s,
             generation=self.generation,
         )
         refs = [w.join_weight_sync.remote(spec) for w in self.learners.workers]
-        refs += [a.join_weight_sync.remote(spec, 1 + i) for i, a in enumerate(self.pool.actors)]
-        names = [f"learner-{i}" for i in range(len(self.learners.workers))] + list(self.pool.actor_names)
+        per_actor = self.pool.workers_per_actor
+        refs += [a.join_weight_sync.remote(spec, 1 + i * per_actor) for i, a in enumerate(self.pool.actors)]
+        names = self.learner_names + list(self.pool.actor_names)
         try:
             self._call(refs, names, "joining the weight-sync group")
         except ActorCallError as err:
@@ -86,19 +90,47 @@ class WeightBroadcaster:
         self._ensure_group()
         version = self.pool.version + 1 if version is None else version
         start = time.perf_counter()
-        send = [w.send_weights.remote(self.plan) for w in self.learners.workers]
-        recv = [a.receive_weights.remote(self.plan, version) for a in self.pool.actors]
-        names = [f"learner-{i}" for i in range(len(send))] + list(self.pool.actor_names)
         try:
-            results = self._call(send + recv, names, f"weight broadcast v{version}")
+            send_sums, reload_s = (self._share if self.backend == "cuda_ipc" else self._send)(version)
         except ActorCallError as err:
             self._repair_after(err)
             raise
         seconds = time.perf_counter() - start
         self.pool.version = version
         if self.cfg.verify:
-            self.verify(results[0])
-        return BroadcastStats(version, self.total_bytes, seconds, max(results[len(send):], default=0.0))
+            self.verify(send_sums)
+        return BroadcastStats(version, self.total_bytes, seconds, reload_s)
+
+    def _send(self, version: int) -> tuple[dict[str, float], float]:
+        """Through the weight-sync group: learner rank 0 sends every bucket while each actor receives and loads.
+
+        Returns the learner's per-layer checksums and the slowest actor's reload seconds.
+        """
+        workers, names = self.learners.workers, self.learner_names + list(self.pool.actor_names)
+        send = [w.send_weights.remote(self.plan) for w in workers]
+        recv = [a.receive_weights.remote(self.plan, version) for a in self.pool.actors]
+        results = self._call(send + recv, names, f"weight broadcast v{version}")
+        return results[0], max(results[len(send) :], default=0.0)
+
+    def _share(self, version: int) -> tuple[dict[str, float], float]:
+        """Colocated GPUs: per bucket, learner rank 0 exports CUDA IPC handles and every actor loads from them."""
+        workers, sums, reload_s = self.learners.workers, {}, 0.0
+        try:
+            for k, bucket in enumerate(self.plan):
+                exported = self._call([w.share_bucket.remote(bucket) for w in workers], self.learner_names,
+                                      f"exporting bucket {k} of v{version}")
+                shared, bucket_sums = exported[0]
+                sums |= bucket_sums
+                last = version if k == len(self.plan) - 1 else None
+                refs = [a.receive_shared.remote(shared, last) for a in self.pool.actors]
+                reload_s += max(self._call(refs, list(self.pool.actor_names), f"loading bucket {k} of v{version}"))
+        finally:
+            self._call([w.release_shared.remote() for w in workers], self.learner_names, "releasing shared buffers")
+        return sums, reload_s
+
+    @property
+    def learner_names(self) -> list[str]:
+        return [f"learner-{i}" for i in range(len(self.learners.workers))]
 
     def _repair_after(self, err: ActorCallError) -> None:
         """After a failed broadcast: drop dead rollout actors, resend the current weights to the survivors.

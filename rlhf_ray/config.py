@@ -275,6 +275,11 @@ class RunConfig(Section):
             )
         if self.train.async_mode and self.train.max_staleness < 1:
             raise ValueError("train.async_mode=true generates one step ahead: set train.max_staleness >= 1")
+        if self.weight_sync.backend == "cuda_ipc" and self.rollout.tensor_parallel_size != 1:
+            raise ValueError(
+                f"weight_sync.backend=cuda_ipc shares the learner's GPU memory with one colocated vLLM worker, but "
+                f"rollout.tensor_parallel_size={self.rollout.tensor_parallel_size}; use weight_sync.backend=nccl"
+            )
         if self.weight_sync.backend in ("nccl", "cuda_ipc") and self.learner.num_gpus_per_rank == 0:
             raise ValueError(
                 f"weight_sync.backend={self.weight_sync.backend} needs GPUs; "
