@@ -12,17 +12,19 @@ from rlhf_ray.modeling import response_logprobs
 class ReferenceActor:
     """Holds a frozen copy of the initial policy (transformers, eval mode, no grad).
 
-    Decorate with `ray.remote` at creation (see `create_reference_actor`).
+    Runs on the GPU Ray gave it, if any, else on `num_threads` CPU threads. Decorate with
+    `ray.remote` at creation (the driver gives it the resources `rlhf-ray plan` shows).
     """
 
     def __init__(self, model_path: str, model_cfg: ModelConfig, micro_batch_size: int = 16, num_threads: int = 1):
         torch.set_num_threads(num_threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path,
             dtype=getattr(torch, model_cfg.dtype),
             trust_remote_code=model_cfg.trust_remote_code,
             use_safetensors=True,
-        ).eval()
+        ).to(self.device).eval()
         self.micro_batch_size = micro_batch_size
 
     @torch.no_grad()
@@ -31,8 +33,8 @@ class ReferenceActor:
         n = batch["input_ids"].shape[0]
         parts = []
         for i in range(0, n, self.micro_batch_size):
-            part = {k: (v[i : i + self.micro_batch_size] if v.dim() else v) for k, v in batch.items()}
-            parts.append(response_logprobs(self.model, part, temperature))
+            part = {k: (v[i : i + self.micro_batch_size] if v.dim() else v).to(self.device) for k, v in batch.items()}
+            parts.append(response_logprobs(self.model, part, temperature).cpu())
         return torch.cat(parts)
 
     def ping(self) -> bool:

@@ -25,6 +25,7 @@ from rlhf_ray.broadcast import WeightBroadcaster
 from rlhf_ray.checkpoint import CheckpointWriter, capture_rng, latest_complete, load_state, restore_rng, save_state
 from rlhf_ray.config import ConfigError, RunConfig, save_resolved
 from rlhf_ray.data import Dataset, PromptSampler, load_dataset
+from rlhf_ray.plan import resource_requests, weight_sync_backend
 from rlhf_ray.ray_utils import get_with_timeout, init_ray
 from rlhf_ray.rewards import RewardNormalizer
 from rlhf_ray.tracking import Tracker
@@ -126,23 +127,22 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
             critic = LearnerGroup("critic", critic_start, critic_cfg, cfg.model, cfg.algorithm, total_policy_updates(cfg))
             closers.append(critic.shutdown)
         timeout = cfg.rollout.call_timeout_s
-        reference_handle = ray.remote(num_cpus=0.5)(ReferenceActor).options(name=None).remote(
-            cfg.model.policy_path, cfg.model, cfg.learner.micro_batch_size
+        requests = {r.name: r.ray_options() for r in resource_requests(cfg)}  # what `rlhf-ray plan` shows
+        # On CPU the reference runs between the learners' stages, so it may use as many threads as a rank.
+        reference_handle = ray.remote(ReferenceActor).options(**requests["reference"]).remote(
+            cfg.model.policy_path, cfg.model, cfg.learner.micro_batch_size, max(1, int(cfg.learner.num_cpus_per_rank))
         )
         closers.append(lambda: ray.kill(reference_handle))
         reward_env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "0"}}
-        reward_handle = ray.remote(num_cpus=cfg.reward.num_cpus, num_gpus=cfg.reward.num_gpus)(RewardActor).options(
-            runtime_env=reward_env
-        ).remote(cfg.model, cfg.reward)
+        reward_handle = ray.remote(RewardActor).options(**requests["reward"], runtime_env=reward_env).remote(
+            cfg.model, cfg.reward
+        )
         closers.append(lambda: ray.kill(reward_handle))
         reference = RemoteCall(reference_handle, "reference", timeout)
         reward = RemoteCall(reward_handle, "reward", cfg.reward.timeout_s * 10)
         reference.ping()
         reward.ping()
-        backend = cfg.weight_sync.backend
-        if backend == "auto":
-            backend = "nccl" if cfg.learner.num_gpus_per_rank > 0 else "gloo"
-        broadcaster = WeightBroadcaster(policy, pool, cfg.weight_sync, backend)
+        broadcaster = WeightBroadcaster(policy, pool, cfg.weight_sync, weight_sync_backend(cfg))
         tracker = Tracker(cfg.tracking, run_dir, cfg.train.run_name or run_dir.name, cfg.model_dump(mode="json"))
         closers.append(tracker.finish)
     except BaseException:
