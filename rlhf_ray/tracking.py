@@ -44,7 +44,9 @@ METRICS: dict[str, str] = {
     "train/entropy": "Policy entropy on the response tokens (nats/token).",
     "train/grad_norm": "Policy gradient norm before clipping (L2).",
     "train/lr": "Policy learning rate at the step's last optimizer step (1).",
-    "train/skipped_steps": "Optimizer steps skipped for a non-finite loss or gradient norm (count).",
+    "train/skipped_steps": "Optimizer steps skipped for non-finite experience, loss or gradient norm (count).",
+    "train/consecutive_skips": "RL steps in a row whose whole update was skipped; the run stops at "
+    "learner.max_consecutive_skips (count).",
     "train/advantage_mean": "Mean advantage over response tokens, before whitening (reward units).",
     "train/value_mean": "Mean critic value over response tokens, PPO only (reward units).",
     "train/loss": "Supervised stages (pretraining, SFT, reward model): training loss (nats/token or nats/pair).",
