@@ -272,7 +272,8 @@ class RunConfig(Section):
         if self.rollout.sampling.max_new_tokens >= self.model.max_model_len:
             raise ValueError(
                 f"rollout.sampling.max_new_tokens={self.rollout.sampling.max_new_tokens} leaves no room "
-                f"for a prompt in model.max_model_len={self.model.max_model_len}"
+                f"for a prompt in model.max_model_len={self.model.max_model_len}; fix: lower "
+                "rollout.sampling.max_new_tokens or raise model.max_model_len"
             )
         if self.train.async_mode and self.train.max_staleness < 1:
             raise ValueError("train.async_mode=true generates one step ahead: set train.max_staleness >= 1")

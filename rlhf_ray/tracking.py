@@ -174,13 +174,14 @@ class Tracker:
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a")  # append: a resumed run continues the file
         self.run = None
         if cfg.backend == "wandb":
+            secrets = environment_secrets() | self.secret_filter.extra
             self.run = wandb.init(
-                project=cfg.project,
-                entity=cfg.entity or None,
-                name=run_name,
+                project=redact(cfg.project, secrets),
+                entity=redact(cfg.entity, secrets) or None,
+                name=redact(run_name, secrets),
                 dir=str(self.run_dir),
                 mode=cfg.mode,
-                config=redact(config_dict, environment_secrets() | self.secret_filter.extra),
+                config=redact(config_dict, secrets),
                 # Console capture would copy anything printed (secrets included) into the run's files.
                 settings=wandb.Settings(console="off", silent=True),
             )
