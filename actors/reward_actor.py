@@ -34,6 +34,7 @@ class RewardActor:
                 dtype=model_cfg.dtype,
                 max_model_len=model_cfg.max_model_len,
                 trust_remote_code=model_cfg.trust_remote_code,
+                load_format="safetensors",  # never a pickle checkpoint
                 gpu_memory_utilization=0.3,
                 enforce_eager=True,
                 # Not VLLM_CPU_KVCACHE_SPACE: vLLM parses it as whole GiB.

@@ -180,6 +180,7 @@ class RolloutActor:
             dtype=model_cfg.dtype,
             max_model_len=model_cfg.max_model_len,
             trust_remote_code=model_cfg.trust_remote_code,
+            load_format="safetensors",  # never a pickle checkpoint
             tensor_parallel_size=rollout_cfg.tensor_parallel_size,
             gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
             enforce_eager=on_cpu,

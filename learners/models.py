@@ -56,7 +56,9 @@ def load_model(role: Role, path: str, model_cfg: ModelConfig, gradient_checkpoin
     for key, value in config.to_dict().items():
         if "dropout" in key and isinstance(value, float):
             setattr(config, key, 0.0)
-    kwargs = dict(config=config, dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code)
+    kwargs = dict(
+        config=config, dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True
+    )
     if role == "policy":
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     else:

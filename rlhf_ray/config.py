@@ -87,7 +87,9 @@ class LearnerConfig(Section):
     micro_batch_size: int = Field(4, ge=1, description="Sequences per rank per forward/backward.")
     minibatch_size: int = Field(8, ge=1, description="Sequences per optimizer step, all ranks together.")
     ppo_epochs: int = Field(1, ge=1)
-    max_consecutive_skips: int = Field(3, ge=1, description="Non-finite steps in a row before the run stops.")
+    max_consecutive_skips: int = Field(
+        3, ge=1, description="RL steps in a row whose update is skipped (non-finite) that stop the run."
+    )
     call_timeout_s: float = Field(1800.0, gt=0)
     master_port: int = Field(0, ge=0, le=65535, description="torch.distributed port; 0 picks a free one.")
     seed: int = 0
@@ -271,7 +273,8 @@ class RunConfig(Section):
         if self.rollout.sampling.max_new_tokens >= self.model.max_model_len:
             raise ValueError(
                 f"rollout.sampling.max_new_tokens={self.rollout.sampling.max_new_tokens} leaves no room "
-                f"for a prompt in model.max_model_len={self.model.max_model_len}"
+                f"for a prompt in model.max_model_len={self.model.max_model_len}; fix: lower "
+                "rollout.sampling.max_new_tokens or raise model.max_model_len"
             )
         if self.train.async_mode and self.train.max_staleness < 1:
             raise ValueError("train.async_mode=true generates one step ahead: set train.max_staleness >= 1")

@@ -19,6 +19,7 @@ from rlhf_ray.config import RunConfig
 from rlhf_ray.experience import make_experience
 from rlhf_ray.protocol import RolloutResult, collate
 from rlhf_ray.run import RunComponents, build_components, restore_checkpoint, save_checkpoint
+from rlhf_ray.step_guard import StepGuard, guard_rewards
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
     """Run `cfg.train.steps` RL steps; returns the last step's metrics."""
     c: RunComponents = build_components(cfg, run_dir)
     kl_ctl = kl_controller(cfg)
+    guard = StepGuard.for_run(cfg, c.checkpoints.root)
     start = restore_checkpoint(c, kl_ctl) if resume else 0
     n = cfg.rollout.sampling.n
     algo = cfg.algorithm
@@ -90,6 +92,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
             # 2. rewards, reference and learner log-probs, values
             with timer("reward"):
                 rewards = c.reward.score([s.prompt_ids + s.response_ids for s in rollout.samples], prompts, responses, sample_rows)
+                rewards = guard_rewards(rewards, len(rollout.samples))  # NaN/inf/huge scores are masked
             with timer("reference"):
                 ref_logp = c.reference.compute_logprobs(batch)
             with timer("logprobs"):
@@ -105,13 +108,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
             if cfg.train.async_mode and step + 1 < cfg.train.steps:
                 next_rows, next_ids = c.prompts.next_batch()
                 pending = (next_rows, c.pool.submit(next_ids))  # generated with this version while we update
-            with timer("update"):
-                step_metrics |= c.policy.ppo_update(exp)
-                if algo.uses_critic:
-                    critic = c.critic.value_update(exp)
-                    step_metrics |= {k if "value" in k else k.replace("train/", "train/critic_"): v
-                                     for k, v in critic.items()}
-            kl_ctl.update(step_metrics["kl/mean"], len(rollout.samples))
+            with timer("update"):  # skipped on NaN/inf experience; stops the run after too many skips in a row
+                step_metrics |= guard.update(step, exp, c.policy, c.critic)
+            if guard.applied:
+                kl_ctl.update(step_metrics["kl/mean"], len(rollout.samples))
 
             # 4. fresh weights to every rollout actor, checked by checksum
             with timer("sync"):

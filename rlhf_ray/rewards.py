@@ -78,13 +78,16 @@ def call_rule(
         last = ""
         for _ in range(retries + 1):
             try:
-                scores.append(_as_finite_float(fn(p, r, row), path, i))
+                value = fn(p, r, row)
+            except Exception as err:  # a user function may raise anything; we name it and the row
+                last = f"reward function {path!r} raised {type(err).__name__}: {err} on row {i}"
+                continue
+            try:
+                scores.append(_as_finite_float(value, path, i))
                 valid.append(True)
                 break
             except RewardFunctionError as err:
                 last = str(err)
-            except Exception as err:  # a user function may raise anything; we name it and the row
-                last = f"reward function {path!r} raised {type(err).__name__}: {err} on row {i}"
         else:
             scores.append(0.0)
             valid.append(False)
@@ -104,7 +107,10 @@ def hidden_rule(prompt: str, response: str, row: dict) -> float:
 def exact_answer(prompt: str, response: str, row: dict) -> float:
     """1.0 if the first number in the response equals row['answer'], else 0.0."""
     if "answer" not in row:
-        raise RewardFunctionError("exact_answer needs an 'answer' field in the dataset row")
+        raise RewardFunctionError(
+            "exact_answer needs the ground truth in field 'answer' of the dataset row; fix: add it, or set "
+            "data.prompts.require_answer=true to refuse such rows when the data is loaded"
+        )
     m = re.search(r"-?\d+", response)
     return 1.0 if m and m.group(0) == str(row["answer"]).strip() else 0.0
 

@@ -23,25 +23,15 @@ from learners import LearnerGroup
 from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController
 from rlhf_ray.broadcast import WeightBroadcaster
 from rlhf_ray.checkpoint import CheckpointWriter, capture_rng, latest_complete, load_state, restore_rng, save_state
-from rlhf_ray.config import ConfigError, RunConfig, save_resolved
+from rlhf_ray.config import RunConfig, save_resolved
 from rlhf_ray.data import Dataset, PromptSampler, load_dataset
 from rlhf_ray.plan import resource_requests, weight_sync_backend
+from rlhf_ray.preflight import check_cluster, preflight
 from rlhf_ray.ray_utils import get_with_timeout, init_ray
 from rlhf_ray.rewards import RewardNormalizer
 from rlhf_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-def check_model_folder(path: str, field_name: str) -> None:
-    """A clear error before anything heavy starts when a model folder is missing or not a model."""
-    if not path:
-        raise ConfigError(f"{field_name} is empty: set it to a local Hugging Face model folder")
-    if not (Path(path) / "config.json").is_file():
-        raise ConfigError(
-            f"{field_name}={path!r} is not a model folder (no config.json there); "
-            "build a tiny one with `rlhf-ray make-tiny OUT` or point it at a saved HF checkpoint"
-        )
 
 
 @dataclass
@@ -103,10 +93,7 @@ def total_policy_updates(cfg: RunConfig) -> int:
 
 def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
     """Start Ray and every actor of an RL run; writes the resolved config into `run_dir`."""
-    check_model_folder(cfg.model.policy_path, "model.policy_path")
-    if cfg.reward.use_model:
-        check_model_folder(cfg.model.reward_path, "model.reward_path")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    preflight(cfg, run_dir)
     save_resolved(cfg, run_dir / "config.yaml")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy_path, trust_remote_code=cfg.model.trust_remote_code)
     max_prompt = cfg.model.max_model_len - cfg.rollout.sampling.max_new_tokens
@@ -114,6 +101,7 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
     prompts = PromptStream(dataset, PromptSampler(dataset, cfg.train.prompts_per_step, cfg.data.seed, cfg.data.shuffle))
 
     init_ray(cfg.cluster)
+    check_cluster(cfg, ray.cluster_resources(), ray.nodes())
     closers: list = []
     try:
         pool = RolloutPool(cfg.model, cfg.rollout)

@@ -44,7 +44,9 @@ METRICS: dict[str, str] = {
     "train/entropy": "Policy entropy on the response tokens (nats/token).",
     "train/grad_norm": "Policy gradient norm before clipping (L2).",
     "train/lr": "Policy learning rate at the step's last optimizer step (1).",
-    "train/skipped_steps": "Optimizer steps skipped for a non-finite loss or gradient norm (count).",
+    "train/skipped_steps": "Optimizer steps skipped for non-finite experience, loss or gradient norm (count).",
+    "train/consecutive_skips": "RL steps in a row whose whole update was skipped; the run stops at "
+    "learner.max_consecutive_skips (count).",
     "train/advantage_mean": "Mean advantage over response tokens, before whitening (reward units).",
     "train/value_mean": "Mean critic value over response tokens, PPO only (reward units).",
     "train/loss": "Supervised stages (pretraining, SFT, reward model): training loss (nats/token or nats/pair).",
@@ -173,13 +175,14 @@ class Tracker:
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a")  # append: a resumed run continues the file
         self.run = None
         if cfg.backend == "wandb":
+            secrets = environment_secrets() | self.secret_filter.extra
             self.run = wandb.init(
-                project=cfg.project,
-                entity=cfg.entity or None,
-                name=run_name,
+                project=redact(cfg.project, secrets),
+                entity=redact(cfg.entity, secrets) or None,
+                name=redact(run_name, secrets),
                 dir=str(self.run_dir),
                 mode=cfg.mode,
-                config=redact(config_dict, environment_secrets() | self.secret_filter.extra),
+                config=redact(config_dict, secrets),
                 # Console capture would copy anything printed (secrets included) into the run's files.
                 settings=wandb.Settings(console="off", silent=True),
             )

@@ -11,6 +11,7 @@ the sender's checksums and the receiver's reload of the previous bucket.
 from __future__ import annotations
 
 import math
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable
@@ -84,11 +85,24 @@ def plan_buckets(metas: Iterable[TensorMeta], bucket_bytes: int) -> list[list[Te
     return buckets
 
 
+def _listening_socket(host: str, port: int) -> int:
+    """A TCP socket listening on host:port only; the caller (the store) owns the returned descriptor."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock.detach()
+
+
 def join_sync_group(spec: SyncGroupSpec, rank: int) -> dist.ProcessGroup:
     """Create this process's member of the standalone group; blocks until all ranks joined (or timeout)."""
     timeout = timedelta(seconds=spec.timeout_s)
+    # TCPStore's own server listens on every interface; rank 0 hands it a socket bound to master_addr only.
+    listen_fd = _listening_socket(spec.master_addr, spec.master_port) if rank == 0 else None
     store = dist.TCPStore(
-        spec.master_addr, spec.master_port, spec.world_size, is_master=(rank == 0), timeout=timeout
+        spec.master_addr, spec.master_port, spec.world_size, is_master=(rank == 0), timeout=timeout,
+        master_listen_fd=listen_fd,
     )
     prefixed = dist.PrefixStore(f"weight_sync/{spec.generation}", store)
     if spec.backend == "gloo":

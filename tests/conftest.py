@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -24,6 +25,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
     """A local Ray head with 8 logical CPUs on a 2-core machine: pools, learner ranks and helpers share the cores."""
+    # Workers import the misbehaving reward functions of tests/reward_fns.py by dotted path.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
     init_ray(ClusterConfig(num_cpus=8))
     yield
     ray.shutdown()

@@ -22,3 +22,7 @@ def flaky_once(prompt, response, row):
     if calls[row["i"]] == 1:
         raise TimeoutError("first try times out")
     return 2.0
+
+
+def returns_nan(prompt, response, row):
+    return float("nan")

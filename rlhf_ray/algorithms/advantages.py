@@ -26,7 +26,11 @@ def token_level_rewards(
     _check_same_shape(scores=scores.shape, mask_rows=mask.shape[:1])
     keep = mask.bool()
     if not keep.any(dim=-1).all():
-        raise ValueError("every row of mask needs at least one response token")
+        empty = (~keep.any(dim=-1)).nonzero().flatten().tolist()
+        raise ValueError(
+            f"rows {empty} have a zero-length response: every row needs at least one response token in mask "
+            "(an immediate stop still returns its EOS token, so this is a broken rollout)"
+        )
     rewards = (-kl_coef * kl).masked_fill(~keep, 0.0)
     positions = torch.arange(mask.shape[-1], device=mask.device)
     last = (keep * positions).argmax(dim=-1, keepdim=True)
