@@ -45,10 +45,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _stage(kind: str, args: argparse.Namespace) -> None:
+    from rlhf_ray.data import DataError
     from rlhf_ray.run import run_dir_for
     from rlhf_ray.stages import stage_main
-
-    from rlhf_ray.data import DataError
 
     cfg = _config(args)
     run_dir = run_dir_for(cfg)
