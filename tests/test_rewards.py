@@ -1,6 +1,8 @@
 """Rule-based rewards: dotted-path loading, guards against bad returns, retries, normalisation."""
 
 import math
+import random
+import re
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from actors.reward_actor import RewardActor
 from rlhf_ray.config import ModelConfig, RewardConfig, RewardFunctionConfig
 from rlhf_ray.rewards import RewardFunctionError, RewardNormalizer, call_rule, exact_answer, hidden_rule, load_reward_fn
-from rlhf_ray.synthetic import hidden_score, label_pairs, win_rate
+from rlhf_ray.synthetic import edited_answer, hidden_score, label_pairs, win_rate
 
 
 @pytest.mark.parametrize(
@@ -96,3 +98,17 @@ def test_actor_names_the_function_that_raised():
     actor = _rule_actor(("reward_fns:raises_on_odd", 1.0))
     with pytest.raises(RewardFunctionError, match=r"'reward_fns:raises_on_odd' raised KeyError: 'boom' on row 0"):
         actor.score([[1]], ["p"], ["r"], [{"i": 1}])
+
+
+def test_edited_answers_change_one_judged_behaviour():
+    rng = random.Random(0)
+    answer = "The river is calm , dark and old ."
+    kinds = set()
+    for _ in range(60):
+        edit = edited_answer(answer, rng)
+        thing, *qualities = re.match(r"^The (\w+) is (\w+) , (\w+) and (\w+) \.$", edit).groups()
+        changed = (thing != "river") + sum(a != b for a, b in zip(qualities, ["calm", "dark", "old"]))
+        assert changed <= 1, edit
+        kinds.add("subject" if thing != "river" else "repeat" if len(set(qualities)) < 3 else "quality")
+    assert kinds == {"subject", "repeat", "quality"}
+    assert edited_answer("The river calm .", rng) is None
