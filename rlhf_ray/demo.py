@@ -41,7 +41,7 @@ HIDDEN_RULE = "rlhf_ray.rewards:hidden_rule"
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SIZES = {  # the embedded default: finishes in minutes on 2 cores
     "hidden_size": 128, "num_layers": 2, "pretrain_rows": 3000, "sft_rows": 2000, "comparison_prompts": 2000,
-    "edited_pairs": 3000, "label_noise_pct": 10, "ppo_prompts": 512, "eval_prompts": 200,
+    "edited_pairs": 3000, "label_noise_pct": 8, "ppo_prompts": 512, "eval_prompts": 200,
 }
 CHAT = DatasetConfig(template="chat")
 

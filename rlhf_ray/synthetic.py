@@ -101,8 +101,8 @@ def label_pairs(
 
 
 def edited_answer(answer: str, rng: random.Random) -> str | None:
-    """A labeler's alternative to a well-formed `answer` with one edit, in equal shares: a different
-    subject, one quality turned into a repeat of another, or one quality replaced by any quality.
+    """A labeler's alternative to a well-formed `answer` with one edit: a different subject (40 %),
+    one quality turned into a repeat of another (40 %), or one quality replaced by any quality (20 %).
     None if `answer` is not well-formed.
 
     Paired with the original, it shows labelers two answers that differ in exactly one of the
@@ -114,10 +114,12 @@ def edited_answer(answer: str, rng: random.Random) -> str | None:
     if not m or any(q not in QUALITIES for q in m.group(2, 3, 4)):
         return None
     thing, qualities = m.group(1), list(m.group(2, 3, 4))
-    kind, slot = rng.randrange(3), rng.randrange(3)
-    if kind == 0:
+    # Which qualities are liked is learned from any comparison; a wrong subject or a repeat has to be
+    # seen deciding many of them, so those edits get the larger shares.
+    kind, slot = rng.random(), rng.randrange(3)
+    if kind < 0.4:
         thing = rng.choice([t for t in THINGS if t != thing])
-    elif kind == 1:
+    elif kind < 0.8:
         qualities[slot] = qualities[rng.choice([i for i in range(3) if i != slot])]
     else:
         qualities[slot] = rng.choice(QUALITIES)
