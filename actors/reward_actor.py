@@ -7,7 +7,7 @@ import os
 import torch
 
 from rlhf_ray.config import ModelConfig, RewardConfig
-from rlhf_ray.rewards import call_rule, load_reward_fn
+from rlhf_ray.rewards import RewardFunctionError, call_rule, load_reward_fn
 
 
 class RewardActor:
@@ -54,6 +54,9 @@ class RewardActor:
         Returns scores [N] (the weighted sum, clipped if configured), valid [N] (False where a rule
         function failed every retry: the driver masks that sample), model [N] (raw RM scores, or 0)
         and one [N] tensor per rule function, keyed by its path.
+
+        Raises RewardFunctionError (naming the function and the first failing row) when a function
+        fails on every row of the batch: that is a broken function, and masking would train on nothing.
         """
         n = len(sequences)
         total = torch.zeros(n, dtype=torch.float64)
@@ -65,6 +68,8 @@ class RewardActor:
             total += self.cfg.model_weight * model
         for fcfg, fn in self.functions:
             rule = call_rule(fn, fcfg.path, prompts, responses, rows, self.cfg.retries)
+            if n and not any(rule.valid):
+                raise RewardFunctionError(f"every one of the {n} rows of the batch failed; the first: {rule.errors[0]}")
             scores = torch.tensor(rule.scores, dtype=torch.float64)
             out[fcfg.path] = scores
             total += fcfg.weight * scores

@@ -44,12 +44,42 @@ def cmd_train(args: argparse.Namespace) -> None:
     train(cfg, run_dir_for(cfg), resume=args.resume)
 
 
+def _stage(kind: str, args: argparse.Namespace) -> None:
+    from rlhf_ray.data import DataError
+    from rlhf_ray.run import run_dir_for
+    from rlhf_ray.stages import stage_main
+
+    cfg = _config(args)
+    run_dir = run_dir_for(cfg)
+    try:
+        metrics = stage_main(cfg, kind, run_dir)
+    except DataError as err:  # a bad dataset is the user's input, like a bad config: a message, no traceback
+        raise ConfigError(str(err)) from None
+    print(json.dumps(metrics, indent=2))
+    print(f"checkpoint: {run_dir / 'checkpoint'}")
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    """Instruction finetuning of model.policy_path on data.sft."""
+    _stage("sft", args)
+
+
+def cmd_rm(args: argparse.Namespace) -> None:
+    """Reward model (Bradley-Terry) from model.policy_path on the pairs of data.preferences."""
+    _stage("rm", args)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from rlhf_ray.demo import DEMO_CONFIG, SIZES, run_demo
     from rlhf_ray.run import run_dir_for
 
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
-    results = run_demo(cfg, run_dir_for(cfg), SIZES)
+    if args.task == "arithmetic":
+        from rlhf_ray.arithmetic import run_arithmetic
+
+        results = run_arithmetic(cfg, run_dir_for(cfg))
+    else:
+        results = run_demo(cfg, run_dir_for(cfg), SIZES)
     print(json.dumps({k: v for k, v in results.items() if k != "examples"}, indent=2))
 
 
@@ -89,6 +119,8 @@ def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "config": (cmd_config, "print the resolved config (secrets redacted)"),
+    "sft": (cmd_sft, "supervised finetuning on data.sft; writes an HF checkpoint and metrics"),
+    "rm": (cmd_rm, "reward model on the pairs of data.preferences; writes an HF checkpoint and metrics"),
     "train": (cmd_train, "RL training (PPO, GRPO, RLOO, REINFORCE++) with rollout actors and learners"),
     "demo": (cmd_demo, "InstructGPT in miniature on a CPU: pretrain, SFT, reward model, PPO"),
     "eval": (cmd_eval, "score a checkpoint on data.eval under zero-shot, few-shot and CoT templates"),
@@ -106,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+        if name == "demo":
+            p.add_argument("--task", choices=["instruct", "arithmetic"], default="instruct",
+                           help="instruct: pretrain, SFT, RM, PPO (default); arithmetic: SFT then GRPO on exact answers")
         if name == "eval":
             p.add_argument("--model", default="", help="model folder (default: model.policy_path)")
             p.add_argument("--out", default=None, help="write the results JSON here")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
@@ -101,9 +102,12 @@ def reward_accuracy(group: LearnerGroup, rows: list[dict], tokenizer: Any, max_l
 
 def run_rm(
     cfg: RunConfig, train_rows: list[dict], eval_rows: list[dict], tokenizer: Any, start_path: str, out_path: Path,
-    logger: Logger,
+    logger: Logger, eval_groups: dict[str, list[dict]] | None = None,
 ) -> dict[str, float]:
-    """Bradley-Terry reward model on {prompt, chosen, rejected} rows; returns train metrics + eval/rm_accuracy."""
+    """Bradley-Terry reward model on {prompt, chosen, rejected} rows; returns train metrics + eval/rm_accuracy.
+
+    eval_groups: named subsets of held-out rows, each also scored as eval/rm_accuracy_<name>.
+    """
     stage = cfg.rm
     _check_rows(stage, len(train_rows), "rm")
     steps = stage.epochs * (len(train_rows) // stage.batch_size)
@@ -115,5 +119,51 @@ def run_rm(
         if eval_rows:
             metrics["eval/rm_accuracy"] = reward_accuracy(group, eval_rows, tokenizer, stage.max_len)
             logger({"eval/rm_accuracy": metrics["eval/rm_accuracy"]}, steps)
+        for name, rows in (eval_groups or {}).items():
+            if rows:
+                metrics[f"eval/rm_accuracy_{name}"] = reward_accuracy(group, rows, tokenizer, stage.max_len)
+                logger({f"eval/rm_accuracy_{name}": metrics[f"eval/rm_accuracy_{name}"]}, steps)
         group.save(str(out_path))
+    return metrics
+
+
+# ---------------------------------------------------------------- `rlhf-ray sft` / `rlhf-ray rm`
+
+
+def stage_main(cfg: RunConfig, kind: str, run_dir: Path) -> dict[str, float]:
+    """One supervised stage from the CLI: `kind` is "sft" (data.sft) or "rm" (data.preferences).
+
+    Starts from `model.policy_path` (for "rm", the scalar head is added on top of that LM) and writes
+    under `run_dir`: config.yaml (resolved), metrics.jsonl (one line per optimizer step, plus
+    eval/rm_accuracy on the `rm.eval_fraction` held-out pairs), checkpoint/ (an HF model folder with
+    its tokenizer, loadable by transformers and vLLM) and results.json (the final metrics).
+    """
+    from transformers import AutoTokenizer
+
+    from rlhf_ray.config import ConfigError, save_resolved
+    from rlhf_ray.data import load_dataset
+    from rlhf_ray.ray_utils import init_ray
+    from rlhf_ray.run import check_model_folder
+    from rlhf_ray.tracking import Tracker
+
+    check_model_folder(cfg.model.policy_path, "model.policy_path")
+    data_cfg, stage = (cfg.data.sft, cfg.sft) if kind == "sft" else (cfg.data.preferences, cfg.rm)
+    if not data_cfg.path:
+        field = "data.sft.path" if kind == "sft" else "data.preferences.path"
+        raise ConfigError(f"{field} is empty (fix: point it to a JSONL or Parquet file of training rows)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, run_dir / "config.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy_path, trust_remote_code=cfg.model.trust_remote_code)
+    ds = load_dataset(data_cfg, "sft" if kind == "sft" else "preference", tokenizer, stage.max_len - 1,
+                      stage.batch_size, cfg.data.seed)
+    init_ray(cfg.cluster)
+    out = run_dir / "checkpoint"
+    with Tracker(cfg.tracking, run_dir, cfg.train.run_name or run_dir.name, cfg.model_dump(mode="json")) as tracker:
+        if kind == "sft":
+            metrics = run_sft(cfg, ds.rows, tokenizer, cfg.model.policy_path, out, tracker.log)
+        else:
+            train_rows, eval_rows = split_holdout(ds.rows, stage.eval_fraction, cfg.train.seed)
+            metrics = run_rm(cfg, train_rows, eval_rows, tokenizer, cfg.model.policy_path, out, tracker.log)
+    metrics = {**metrics, f"data/{kind}_rows": float(len(ds)), f"data/{kind}_skipped_rows": float(sum(ds.skipped.values()))}
+    (run_dir / "results.json").write_text(json.dumps(metrics, indent=2))
     return metrics

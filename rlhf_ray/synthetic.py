@@ -100,6 +100,32 @@ def label_pairs(
     return rows
 
 
+def edited_answer(answer: str, rng: random.Random) -> str | None:
+    """A labeler's alternative to a well-formed `answer` with one edit: a different subject (40 %),
+    one quality turned into a repeat of another (40 %), or one quality replaced by any quality (20 %).
+    None if `answer` is not well-formed.
+
+    Paired with the original, it shows labelers two answers that differ in exactly one of the
+    behaviours the rule judges, the way annotators write or edit a second answer instead of only
+    ranking two samples: without such pairs a wrong subject or a repeat rarely decides a comparison,
+    and the reward model leaves both unpunished.
+    """
+    m = ANSWER_RE.match(answer.strip())
+    if not m or any(q not in QUALITIES for q in m.group(2, 3, 4)):
+        return None
+    thing, qualities = m.group(1), list(m.group(2, 3, 4))
+    # Which qualities are liked is learned from any comparison; a wrong subject or a repeat has to be
+    # seen deciding many of them, so those edits get the larger shares.
+    kind, slot = rng.random(), rng.randrange(3)
+    if kind < 0.4:
+        thing = rng.choice([t for t in THINGS if t != thing])
+    elif kind < 0.8:
+        qualities[slot] = qualities[rng.choice([i for i in range(3) if i != slot])]
+    else:
+        qualities[slot] = rng.choice(QUALITIES)
+    return make_answer(thing, qualities)
+
+
 def win_rate(prompts: list[str], ours: list[str], theirs: list[str]) -> float:
     """Fraction of prompts where `ours` beats `theirs` under the hidden rule (ties count one half)."""
     wins = 0.0

@@ -1,12 +1,16 @@
 """Rule-based rewards: dotted-path loading, guards against bad returns, retries, normalisation."""
 
 import math
+import random
+import re
 
 import pytest
 import torch
 
+from actors.reward_actor import RewardActor
+from rlhf_ray.config import ModelConfig, RewardConfig, RewardFunctionConfig
 from rlhf_ray.rewards import RewardFunctionError, RewardNormalizer, call_rule, exact_answer, hidden_rule, load_reward_fn
-from rlhf_ray.synthetic import hidden_score, label_pairs, win_rate
+from rlhf_ray.synthetic import edited_answer, hidden_score, label_pairs, win_rate
 
 
 @pytest.mark.parametrize(
@@ -65,3 +69,46 @@ def test_normalizer_matches_batch_statistics():
     out = RewardNormalizer(True)(x)
     assert torch.allclose(out, (x - x.mean()) / x.std(), atol=1e-5)
     assert torch.equal(RewardNormalizer(False)(x), x)
+
+
+def _rule_actor(*functions: tuple[str, float], clip: float | None = None) -> RewardActor:
+    """A reward actor with rule functions only (no reward model, so no vLLM), called in-process."""
+    cfg = RewardConfig(use_model=False, retries=0, clip=clip,
+                       functions=[RewardFunctionConfig(path=p, weight=w) for p, w in functions])
+    return RewardActor(ModelConfig(), cfg)
+
+
+def test_actor_masks_only_the_failed_rows_of_a_batch():
+    actor = _rule_actor(("reward_fns:raises_on_odd", 2.0), ("reward_fns:constant", 1.0), clip=3.0)
+    out = actor.score([[1]] * 4, ["p"] * 4, ["r"] * 4, [{"i": i} for i in range(4)])
+    assert out["valid"].tolist() == [True, False, True, False]
+    assert out["scores"].tolist() == [3.0, 0.0, 3.0, 0.0]  # 2*1 + 1.5 clipped to 3; failed rows carry no reward
+    assert out["reward_fns:constant"].tolist() == [1.5] * 4
+    assert out["reward_fns:raises_on_odd"].tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("value", [float("nan"), "0.5", None])
+def test_actor_stops_when_a_function_fails_on_every_row(value):
+    actor = _rule_actor(("reward_fns:constant", 1.0), ("reward_fns:returns_bad", 1.0))
+    with pytest.raises(RewardFunctionError, match=r"every one of the 3 rows.*'reward_fns:returns_bad' returned .* row 0"):
+        actor.score([[1]] * 3, ["p"] * 3, ["r"] * 3, [{"value": value}] * 3)
+
+
+def test_actor_names_the_function_that_raised():
+    actor = _rule_actor(("reward_fns:raises_on_odd", 1.0))
+    with pytest.raises(RewardFunctionError, match=r"'reward_fns:raises_on_odd' raised KeyError: 'boom' on row 0"):
+        actor.score([[1]], ["p"], ["r"], [{"i": 1}])
+
+
+def test_edited_answers_change_one_judged_behaviour():
+    rng = random.Random(0)
+    answer = "The river is calm , dark and old ."
+    kinds = set()
+    for _ in range(60):
+        edit = edited_answer(answer, rng)
+        thing, *qualities = re.match(r"^The (\w+) is (\w+) , (\w+) and (\w+) \.$", edit).groups()
+        changed = (thing != "river") + sum(a != b for a, b in zip(qualities, ["calm", "dark", "old"]))
+        assert changed <= 1, edit
+        kinds.add("subject" if thing != "river" else "repeat" if len(set(qualities)) < 3 else "quality")
+    assert kinds == {"subject", "repeat", "quality"}
+    assert edited_answer("The river calm .", rng) is None

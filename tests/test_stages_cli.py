@@ -1,0 +1,85 @@
+"""`rlhf-ray sft` and `rlhf-ray rm` in their own processes on a tiny model: run folder, metrics, HF checkpoint."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from rlhf_ray.synthetic import DISLIKED, LIKED, THINGS, instruction_rows, make_answer
+
+COMMON = ["model.max_model_len=64", "rollout.sampling.max_new_tokens=16", "tracking.backend=none", "cluster.num_cpus=8", "data.seed=0"]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in its own process, so its local Ray head is independent of the test session's."""
+    return subprocess.run([sys.executable, "-m", "rlhf_ray.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_sft_cli_writes_config_metrics_and_a_loadable_checkpoint(tiny_model_dir: Path, tmp_path: Path):
+    data = _write_jsonl(tmp_path / "sft.jsonl", instruction_rows(96, seed=0))
+    proc = _cli("sft", *COMMON, f"model.policy_path={tiny_model_dir / 'policy'}", f"data.sft.path={data}",
+                "sft.epochs=3", "sft.batch_size=16", "sft.lr=3e-3", "sft.max_len=48",
+                f"train.output_dir={tmp_path}", "train.run_name=sft")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "sft"
+    assert "policy_path" in (run / "config.yaml").read_text()
+    losses = [m["sft/sft_loss"] for m in _metrics(run)]
+    assert len(losses) == 3 * (96 // 16)
+    assert sum(losses[-3:]) < sum(losses[:3]), losses  # it learned from data.sft
+    assert json.loads((run / "results.json").read_text())["data/sft_rows"] == 96
+
+    tok = AutoTokenizer.from_pretrained(run / "checkpoint")
+    model = AutoModelForCausalLM.from_pretrained(run / "checkpoint")
+    ids = tok("Describe the river.", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def _pairs(n: int, seed: int) -> list[dict]:
+    """Pairs whose chosen answer names three liked qualities and whose rejected one names three disliked."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        thing = rng.choice(THINGS)
+        good, bad = rng.sample(sorted(LIKED), 3), rng.sample(sorted(DISLIKED), 3)
+        rows.append({"prompt": f"Describe the {thing}.", "chosen": make_answer(thing, good),
+                     "rejected": make_answer(thing, bad)})
+    return rows
+
+
+@pytest.mark.slow
+def test_rm_cli_writes_heldout_accuracy_and_a_loadable_reward_model(tiny_model_dir: Path, tmp_path: Path):
+    data = _write_jsonl(tmp_path / "prefs.jsonl", _pairs(128, seed=0))
+    proc = _cli("rm", *COMMON, f"model.policy_path={tiny_model_dir / 'policy'}", f"data.preferences.path={data}",
+                "rm.epochs=3", "rm.batch_size=16", "rm.lr=1e-3", "rm.max_len=48", "rm.eval_fraction=0.25",
+                f"train.output_dir={tmp_path}", "train.run_name=rm")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "rm"
+    assert (run / "config.yaml").is_file()
+    rows = _metrics(run)
+    assert any("rm/rm_loss" in r for r in rows)
+    accuracy = [r["eval/rm_accuracy"] for r in rows if "eval/rm_accuracy" in r]
+    assert len(accuracy) == 1 and accuracy[0] > 0.8, accuracy  # liked vs disliked qualities is an easy rule
+    assert json.loads((run / "results.json").read_text())["eval/rm_accuracy"] == accuracy[0]
+
+    tok = AutoTokenizer.from_pretrained(run / "checkpoint")
+    rm = AutoModelForSequenceClassification.from_pretrained(run / "checkpoint")
+    assert rm.config.num_labels == 1
+    scores = rm(**tok(["The river is calm , warm and bright ."], return_tensors="pt")).logits
+    assert scores.shape == (1, 1) and torch.isfinite(scores).all()
