@@ -277,20 +277,22 @@ class RolloutPool:
             requests = sorted((r for _, part in lost for r in part), key=lambda r: r[0])
             round_ = self._dispatch(requests, pending.sampling, pending.step)
         self._settle_in_flight()
+        regenerated = time.perf_counter() - detected
         if len(dead) > len(replaced):
             # Only now: replacements join the weight-sync group with every member, and a member
             # answers the join only after its generate call.
             replaced += self._replace(len(dead) - len(replaced))
+        recovered = time.perf_counter() - detected
         failures = [
-            ActorFailure(m.name, m.node_id, m.node_ip, pending.step, lost_samples, new, time.perf_counter() - detected)
-            for (m, lost_samples), new in zip(dead, replaced)
+            ActorFailure(m.name, m.node_id, m.node_ip, pending.step, n_lost, new, regenerated, recovered)
+            for (m, n_lost), new in zip(dead, replaced)
         ]
         for f in failures:
             log.warning(
-                "rollout step %d: %s (node %s) replaced by %s at policy version %d, %.1fs after its death "
-                "was noticed (%d of %d replacements used)",
-                f.step, f.name, f.node_ip, f.replaced_by, self.version, f.recovery_s, self.replacements,
-                self.cfg.max_replacements,
+                "rollout step %d: %s (node %s) replaced by %s at policy version %d; its %d samples were regenerated "
+                "%.1fs and the replacement served %.1fs after its death was noticed (%d of %d replacements used)",
+                f.step, f.name, f.node_ip, f.replaced_by, self.version, f.lost_samples, f.regenerated_s,
+                f.recovery_s, self.replacements, self.cfg.max_replacements,
             )
         samples.sort(key=lambda s: s.key)
         keys = [s.key for s in samples]

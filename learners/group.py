@@ -106,9 +106,11 @@ class LearnerGroup:
             return self._gather(refs, what)
         except Exception as err:
             dead = self.dead_ranks()
-            if dead:
-                raise LearnerRankError(f"{what} failed: {', '.join(dead)} died ({err})", dead) from err
-            raise
+            if not dead:
+                raise
+            if isinstance(err, ActorCallError) and all(f"{name} died" in str(err) for name in dead):
+                raise LearnerRankError(str(err), dead) from err
+            raise LearnerRankError(f"{what} failed: {', '.join(dead)} died; then: {err}", dead) from err
 
     def _gather(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
         results: dict[int, Any] = {}

@@ -104,8 +104,9 @@ def log_failures(tracker: Tracker, step: int, rollout: RolloutResult) -> None:
     """Each rollout-actor death of the step, with its node and replacement, as the W&B table `rollout/failures`."""
     if not rollout.failures:
         return
-    columns = ["step", "actor", "node_ip", "node_id", "lost_samples", "replaced_by", "recovery_s"]
+    columns = ["step", "actor", "node_ip", "node_id", "lost_samples", "replaced_by", "regenerated_s", "recovery_s"]
     rows: list[list[Any]] = [
-        [step, f.name, f.node_ip, f.node_id, f.lost_samples, f.replaced_by, f.recovery_s] for f in rollout.failures
+        [step, f.name, f.node_ip, f.node_id, f.lost_samples, f.replaced_by, f.regenerated_s, f.recovery_s]
+        for f in rollout.failures
     ]
     tracker.log_table("rollout/failures", columns, rows, step)

@@ -47,7 +47,8 @@ class ActorFailure:
     step: int  # the rollout step (generate call) it died in
     lost_samples: int  # samples it had been given; all were generated again by other actors
     replaced_by: str  # name of the actor started in its place
-    recovery_s: float  # from noticing the death until its samples were regenerated and the replacement served
+    regenerated_s: float  # from noticing the death until its samples were generated again
+    recovery_s: float  # from noticing the death until the replacement served the current weights
 
 
 @dataclass
