@@ -109,8 +109,8 @@ class LearnerGroup:
             if not dead:
                 raise
             if isinstance(err, ActorCallError) and all(f"{name} died" in str(err) for name in dead):
-                raise LearnerRankError(str(err), dead) from err
-            raise LearnerRankError(f"{what} failed: {', '.join(dead)} died; then: {err}", dead) from err
+                raise LearnerRankError(str(err), dead, dead) from err
+            raise LearnerRankError(f"{what} failed: {', '.join(dead)} died; then: {err}", dead, dead) from err
 
     def _gather(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
         results: dict[int, Any] = {}

@@ -52,13 +52,13 @@ class WeightBroadcaster:
         self._repairing = False
 
     def _call(self, refs: list, names: list[str], what: str) -> list:
-        """Gather the calls; a failed learner rank raises LearnerRankError (nothing on the rollout side can fix that)."""
+        """Gather the calls; a dead learner rank raises LearnerRankError (nothing on the rollout side can fix that)."""
         try:
             return get_with_timeout(refs, names, what, self.cfg.timeout_s)
         except ActorCallError as err:
-            ranks = [n for n in err.failed if n in self.learner_names]
+            ranks = [n for n in err.dead if n in self.learner_names]
             if ranks:
-                raise LearnerRankError(str(err), ranks) from None
+                raise LearnerRankError(str(err), ranks, ranks) from None
             raise
 
     def _ensure_group(self) -> None:

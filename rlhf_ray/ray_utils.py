@@ -14,12 +14,13 @@ from rlhf_ray.config import ClusterConfig
 class ActorCallError(RuntimeError):
     """A Ray call failed or timed out; the message names the actor and the method.
 
-    `failed` lists the names of the actors that died, raised or did not answer.
+    `failed` lists the names of the actors that died, raised or did not answer; `dead` those that died.
     """
 
-    def __init__(self, message: str, failed: list[str] | None = None) -> None:
+    def __init__(self, message: str, failed: list[str] | None = None, dead: list[str] | None = None) -> None:
         super().__init__(message)
         self.failed = list(failed or [])
+        self.dead = list(dead or [])
 
 
 class LearnerRankError(ActorCallError):
@@ -63,7 +64,7 @@ def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, tim
     """
     ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     pending = set(not_ready)
-    out, errors, failed = [], [], []
+    out, errors, failed, dead = [], [], [], []
     for ref, name in zip(refs, names):
         if ref in pending:
             continue
@@ -74,6 +75,7 @@ def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, tim
             cause = ([line for line in str(err).splitlines() if line.strip()] or [""])[-1].strip()
             errors.append(f"{name} died ({type(err).__name__}: {cause})")
             failed.append(name)
+            dead.append(name)
         except ray.exceptions.RayTaskError as err:
             if not errors and not pending:
                 # An exception raised by our own code inside the actor: keep its type and message.
@@ -85,5 +87,5 @@ def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, tim
         errors.append(f"no answer within {timeout_s:.0f}s from {', '.join(late)}")
         failed += late
     if errors:
-        raise ActorCallError(f"{what} failed: " + "; ".join(errors), failed)
+        raise ActorCallError(f"{what} failed: " + "; ".join(errors), failed, dead)
     return out

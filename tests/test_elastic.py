@@ -143,6 +143,7 @@ def test_killed_rollout_actor_loses_no_sample_and_its_replacement_serves_current
 # ---------------------------------------------------------------- scaling 1 -> 2 during a run
 
 
+@pytest.mark.slow
 def test_scale_rollout_pool_from_one_to_two_actors_during_a_run(tiny_model_dir: Path, tmp_path: Path, ray_cluster: None):
     cfg = run_cfg(tiny_model_dir, tmp_path, "scaled", "train.steps=3", "rollout.num_actors=1")
     run_dir = tmp_path / "scaled"
@@ -182,6 +183,7 @@ def learner_pids(started_after_ms: float) -> list[int]:
             and a["State"] == "ALIVE" and a["StartTime"] >= started_after_ms]
 
 
+@pytest.mark.slow
 def test_killed_learner_rank_resumes_from_the_last_checkpoint(tiny_model_dir: Path, tmp_path: Path, ray_cluster: None):
     cfg = run_cfg(tiny_model_dir, tmp_path, "learner-dies", "train.steps=3", "checkpoint.every=1",
                   "learner.num_ranks=2", "learner.micro_batch_size=2", "learner.call_timeout_s=120")
@@ -281,6 +283,7 @@ def loopback_cluster() -> Iterator[LoopbackCluster]:
         assert not left, f"processes of the loopback cluster are still running: {left}"
 
 
+@pytest.mark.slow
 def test_two_node_cluster_places_rollout_and_learners_by_custom_resource(
     tiny_model_dir: Path, tmp_path: Path, loopback_cluster: LoopbackCluster
 ):
