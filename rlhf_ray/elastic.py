@@ -13,11 +13,13 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlhf_ray.config import ConfigError
 from rlhf_ray.protocol import RolloutResult
+from rlhf_ray.ray_utils import ActorCallError
 
 if TYPE_CHECKING:
     from rlhf_ray.run import RunComponents
@@ -26,6 +28,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONTROL_FILE = "control.json"
+
+
+@dataclass(frozen=True)
+class ScaleRequest:
+    num_actors: int
+    requested_at: float  # tells a new request from one already tried
 
 
 def write_scale_request(run_dir: str | os.PathLike, rollout: int) -> Path:
@@ -49,7 +57,7 @@ def write_scale_request(run_dir: str | os.PathLike, rollout: int) -> Path:
     return run_dir / CONTROL_FILE
 
 
-def read_scale_request(run_dir: str | os.PathLike) -> int | None:
+def read_scale_request(run_dir: str | os.PathLike) -> ScaleRequest | None:
     """The requested number of rollout actors, or None without a (valid) control file.
 
     A malformed file is logged and ignored: a typo must not stop a running job.
@@ -58,35 +66,45 @@ def read_scale_request(run_dir: str | os.PathLike) -> int | None:
     if not path.is_file():
         return None
     try:
-        n = json.loads(path.read_text())["rollout"]["num_actors"]
-    except (ValueError, KeyError, TypeError) as err:
+        data = json.loads(path.read_text())
+        n, requested_at = data["rollout"]["num_actors"], float(data.get("requested_at", 0.0))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         log.error("ignoring %s: expected {\"rollout\": {\"num_actors\": N}} (%s); rewrite it with `rlhf-ray scale`", path, err)
         return None
     if not isinstance(n, int) or n < 1:
         log.error("ignoring %s: rollout.num_actors=%r must be an integer >= 1; rewrite it with `rlhf-ray scale`", path, n)
         return None
-    return n
+    return ScaleRequest(n, requested_at)
 
 
 def apply_scaling(c: RunComponents, step: int) -> dict[str, float]:
     """Bring the rollout pool to the size requested in the control file (if any) before `step`.
 
-    Returns `rollout/num_actors`, the pool size the step runs with.
+    Actors that cannot start (e.g. no node offers their resources within `rollout.call_timeout_s`)
+    are logged and the run goes on with the pool it has; that request is not tried again, a new
+    `rlhf-ray scale` is. Returns `rollout/num_actors`, the pool size the step runs with.
     """
-    target = read_scale_request(c.run_dir)
+    request = read_scale_request(c.run_dir)
     have = c.pool.num_actors
-    if target is not None and target != have:
-        start = time.perf_counter()
+    if request is None or request.num_actors == have or request.requested_at == c.failed_scale_request:
+        return {"rollout/num_actors": float(have)}
+    start, target = time.perf_counter(), request.num_actors
+    try:
         if target > have:
-            names = c.broadcaster.add_actors(target - have)
-            verb = "added"
+            names, verb = c.broadcaster.add_actors(target - have), "added"
         else:
-            names = c.pool.remove_actors(have - target)
-            verb = "removed"
-        log.warning(
-            "step %d: rollout pool scaled %d -> %d actors (%s %s at policy version %d) in %.1fs",
-            step, have, target, verb, ", ".join(names), c.pool.version, time.perf_counter() - start,
+            names, verb = c.pool.remove_actors(have - target), "removed"
+    except ActorCallError as err:
+        c.failed_scale_request = request.requested_at
+        log.error(
+            "step %d: could not scale the rollout pool %d -> %d actors (%s); going on with %d. "
+            "Free or add capacity, then run `rlhf-ray scale` again", step, have, target, err, c.pool.num_actors,
         )
+        return {"rollout/num_actors": float(c.pool.num_actors)}
+    log.warning(
+        "step %d: rollout pool scaled %d -> %d actors (%s %s at policy version %d) in %.1fs",
+        step, have, target, verb, ", ".join(names), c.pool.version, time.perf_counter() - start,
+    )
     return {"rollout/num_actors": float(c.pool.num_actors)}
 
 

@@ -72,6 +72,7 @@ class RunComponents:
     checkpoints: CheckpointWriter
     reward_normalizer: RewardNormalizer
     closers: list = field(default_factory=list)
+    failed_scale_request: float | None = None  # `requested_at` of a scale request that could not be met
 
     def close(self) -> None:
         for close in reversed(self.closers):

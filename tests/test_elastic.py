@@ -31,6 +31,7 @@ from learners import LearnerGroup
 from rlhf_ray import cli
 from rlhf_ray.broadcast import WeightBroadcaster
 from rlhf_ray.config import LearnerConfig, ModelConfig, RolloutConfig, RunConfig, SamplingConfig, WeightSyncConfig, load_config
+from rlhf_ray.elastic import read_scale_request, write_scale_request
 from rlhf_ray.ray_utils import ActorCallError, free_port
 from rlhf_ray.supervisor import train_supervised
 from rlhf_ray.synthetic import prompt_rows
@@ -171,6 +172,18 @@ def test_scale_command_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureF
     assert cli.main(["scale", str(tmp_path), "--rollout", "0"]) == 2
     assert "--rollout 0" in capsys.readouterr().err
     assert not (tmp_path / "control.json").exists()
+
+
+def test_control_file_round_trip_and_malformed_files_are_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    (tmp_path / "config.yaml").write_text("{}")
+    write_scale_request(tmp_path, 3)
+    request = read_scale_request(tmp_path)
+    assert request is not None and request.num_actors == 3 and request.requested_at > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "control.json"]  # no temporary file left
+    (tmp_path / "control.json").write_text('{"rollout": {"num_actors": "two"}}')
+    assert read_scale_request(tmp_path) is None and "must be an integer" in caplog.text
+    (tmp_path / "control.json").write_text('{"rollout": ')
+    assert read_scale_request(tmp_path) is None
 
 
 # ---------------------------------------------------------------- a learner rank dies
