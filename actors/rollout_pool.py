@@ -75,10 +75,6 @@ class PendingRollout:
     start: float
     expected: set[tuple[int, int]] = field(default_factory=set)  # every (prompt_id, sample_idx) of the batch
 
-    @property
-    def names(self) -> list[str]:
-        return [m.name for m in self.members]
-
 
 class RolloutPool:
     """`num_actors` RolloutActors; `generate` fans a batch out and gathers it back in prompt order."""

@@ -161,7 +161,9 @@ def test_scale_rollout_pool_from_one_to_two_actors_during_a_run(tiny_model_dir: 
     assert [r["rollout/policy_version"] for r in rows] == [0, 1, 2]  # the new actor served the current version
     before = [r["rollout/tokens_per_s"] for r, a in zip(rows, actors) if len(a) == 1]
     after = [r["rollout/tokens_per_s"] for r, a in zip(rows, actors) if len(a) == 2]
-    print(f"\nrollout tokens/s with 1 actor: {before}; with 2 actors: {after}")
+    per_actor = [{k.rsplit("/", 1)[1]: round(v) for k, v in r.items() if k.startswith("rollout/tokens_per_s/")} for r in rows]
+    print(f"\nrollout tokens/s with 1 actor: {[round(x) for x in before]}; with 2 actors: {[round(x) for x in after]}; "
+          f"per actor and step: {per_actor}")
     assert json.loads((run_dir / "control.json").read_text())["rollout"]["num_actors"] == 2
 
 
