@@ -103,7 +103,8 @@ def test_killed_rollout_actor_loses_no_sample_and_its_replacement_serves_current
     prompts = [torch.randint(5, 400, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
                for _ in range(16)]
 
-    pending = pool.submit(prompts)
+    sampling = SamplingConfig(n=2, max_new_tokens=24)  # long enough that the kill lands mid-generation
+    pending = pool.submit(prompts, sampling=sampling)
     victim = pending.members[-1]
     ray.kill(victim.actor)  # it has accepted its share of the batch
     start = time.perf_counter()
@@ -128,7 +129,7 @@ def test_killed_rollout_actor_loses_no_sample_and_its_replacement_serves_current
     assert ray.get(new.actor.version.remote()) == 1
     assert ray.get(new.actor.weight_checksums.remote()) == pytest.approx(ray.get(survivor.actor.weight_checksums.remote()))
     pool.step -= 1  # the same step again: per-prompt seeds make every sample the same, whoever serves it
-    again = pool.generate(prompts)
+    again = pool.generate(prompts, sampling=sampling)
     assert {s.actor_name for s in again.samples} == {new.name, survivor.name}
     assert {s.policy_version for s in again.samples} == {1}
     assert [s.response_ids for s in again.samples] == [s.response_ids for s in result.samples]
