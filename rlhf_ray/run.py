@@ -163,10 +163,11 @@ def write_placement(path: Path, pool: RolloutPool, groups: list[LearnerGroup]) -
     nodes = {n["NodeID"]: n for n in ray.nodes()}
 
     def entry(node_id: str, node_ip: str) -> dict[str, Any]:
-        resources = nodes.get(node_id, {}).get("Resources", {})
-        custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory", "object_store_memory")
-                  and not k.startswith("node:")}
-        return {"node_id": node_id, "node_ip": node_ip, "node_resources": custom}
+        node = nodes.get(node_id, {})
+        custom = {k: v for k, v in node.get("Resources", {}).items()
+                  if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith("node:")}
+        # The node's Ray address; the host's own address (what a worker sees) can differ from it.
+        return {"node_id": node_id, "node_ip": node.get("NodeManagerAddress", node_ip), "node_resources": custom}
 
     placement = {m.name: entry(m.node_id, m.node_ip) for m in pool.members}
     for group in groups:
