@@ -352,3 +352,9 @@ class RolloutActor:
 
     def ping(self) -> str:
         return self.name
+
+    def where(self) -> dict[str, str]:
+        """The Ray node this actor runs on: {"node_id", "node_ip"}."""
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}

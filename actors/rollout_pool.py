@@ -6,13 +6,21 @@ prompt order, and grows or shrinks between calls. Weights reach the actors throu
 weight-broadcast layer (`rlhf_ray.broadcast`), which loads them into every actor of `pool.actors`
 and then sets `pool.version`; an actor joining later is brought to that version by
 `add_actors(k, weights=...)` before it serves.
+
+Failures. An actor that dies during a generate call loses no sample: `collect` gives its
+requests to the surviving actors (same per-prompt seeds, so the same samples), then starts a
+replacement through `pool.joiner` (the weight-broadcast layer's joining path, so it serves the
+current weights and version), up to `rollout.max_replacements` times per run. A hung actor is
+named by the per-call timeout.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import ray
 import torch
@@ -20,10 +28,12 @@ from ray.actor import ActorHandle
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.rollout_actor import RolloutActor, check_requests
+from actors.rollout_actor import Request, RolloutActor, check_requests
 from rlhf_ray.config import ModelConfig, RolloutConfig, SamplingConfig
-from rlhf_ray.protocol import RolloutResult, Sample
-from rlhf_ray.ray_utils import get_with_timeout
+from rlhf_ray.protocol import ActorFailure, RolloutResult, Sample
+from rlhf_ray.ray_utils import ActorCallError, get_with_timeout
+
+log = logging.getLogger(__name__)
 
 
 def balance(costs: list[int], num_bins: int) -> list[list[int]]:
@@ -42,16 +52,6 @@ def balance(costs: list[int], num_bins: int) -> list[list[int]]:
 
 
 @dataclass
-class PendingRollout:
-    """A batch in flight: what `submit` returns and `collect` turns into a `RolloutResult`."""
-
-    refs: list[ray.ObjectRef]
-    actors: list[ActorHandle]
-    names: list[str]
-    start: float
-
-
-@dataclass
 class Member:
     """One rollout actor of the pool and what it occupies."""
 
@@ -59,6 +59,21 @@ class Member:
     name: str
     core: int | None  # CPU core its engine is pinned to
     placement_group: PlacementGroup | None  # GPU bundles
+    node_id: str = ""
+    node_ip: str = ""
+
+
+@dataclass
+class PendingRollout:
+    """A batch in flight: what `submit` returns and `collect` turns into a `RolloutResult`."""
+
+    refs: list[ray.ObjectRef]
+    members: list[Member]
+    requests: list[list[Request]]  # what each member was given, to re-dispatch if it dies
+    sampling: SamplingConfig
+    step: int
+    start: float
+    expected: set[tuple[int, int]] = field(default_factory=set)  # every (prompt_id, sample_idx) of the batch
 
 
 class RolloutPool:
@@ -74,6 +89,12 @@ class RolloutPool:
         self.version = 0  # policy version every actor serves; set by the weight-broadcast layer
         self._next_index = 0  # names are never reused, so logs stay unambiguous
         self.step = 0  # generate calls so far; enters the per-prompt seeds (a resumed run restores it)
+        # Adds k actors serving the current weights and version (WeightBroadcaster.add_actors); without
+        # one, replacements start from the checkpoint, which is only right while version == 0.
+        self.joiner: Callable[[int], list[str]] | None = None
+        self.replacements = 0  # dead actors replaced so far, against rollout.max_replacements
+        self._in_flight: set[str] = set()  # actors with a submitted batch not yet collected
+        self._retiring: list[Member] = []  # removed while busy: stopped once their batch is collected
         self.members = self._launch(rollout_cfg.num_actors)
 
     @property
@@ -134,7 +155,9 @@ class RolloutPool:
             name = f"rollout-{self._next_index}"
             self._next_index += 1
             new.append(Member(remote_cls.options(**options).remote(self.model_cfg, self.cfg, name), name, core, pg))
-        self._call(new, [m.actor.ping.remote() for m in new], "starting rollout actors")
+        places = self._call(new, [m.actor.where.remote() for m in new], "starting rollout actors")
+        for m, place in zip(new, places):
+            m.node_id, m.node_ip = place["node_id"], place["node_ip"]
         return new
 
     def _call(self, members: list[Member], refs: list[ray.ObjectRef], what: str) -> list:
@@ -179,11 +202,15 @@ class RolloutPool:
         return [m.name for m in new]
 
     def remove_actors(self, k: int) -> list[str]:
-        """Stop the k most recently added actors between calls; returns their names. One must remain."""
+        """Stop the k most recently added actors; returns their names. One must remain.
+
+        An actor still generating a submitted batch takes no new work and stops once `collect` has its samples.
+        """
         if not 1 <= k < self.num_actors:
             raise ValueError(f"remove_actors(k={k}): k must be between 1 and num_actors - 1 = {self.num_actors - 1}")
         removed, self.members = self.members[-k:], self.members[:-k]
-        self._stop(removed)
+        self._retiring += [m for m in removed if m.name in self._in_flight]
+        self._stop([m for m in removed if m.name not in self._in_flight])
         return [m.name for m in removed]
 
     def discard(self, names: list[str]) -> None:
@@ -212,31 +239,139 @@ class RolloutPool:
         requests = check_requests(
             list(enumerate(prompts)), sampling.max_new_tokens, self.model_cfg.max_model_len, self.cfg.truncate_prompts
         )
-        costs = [len(ids) + sampling.n * sampling.max_new_tokens for _, ids in requests]
-        refs, actors, names = [], [], []
-        for actor, name, items in zip(self.actors, self.actor_names, balance(costs, self.num_actors)):
-            if items:
-                refs.append(actor.generate.remote([requests[i] for i in items], sampling, self.step))
-                actors.append(actor)
-                names.append(name)
+        pending = self._dispatch(requests, sampling, self.step)
+        pending.expected = {(pid, i) for pid, _ in requests for i in range(sampling.n)}
         self.step += 1
-        return PendingRollout(refs, actors, names, time.perf_counter())
+        return pending
+
+    def _dispatch(self, requests: list[Request], sampling: SamplingConfig, step: int) -> PendingRollout:
+        """Split requests across the members by expected tokens and start one generate call per busy member."""
+        costs = [len(ids) + sampling.n * sampling.max_new_tokens for _, ids in requests]
+        refs, members, parts = [], [], []
+        for member, items in zip(self.members, balance(costs, self.num_actors)):
+            if items:
+                part = [requests[i] for i in items]
+                refs.append(member.actor.generate.remote(part, sampling, step))
+                members.append(member)
+                parts.append(part)
+        self._in_flight |= {m.name for m in members}
+        return PendingRollout(refs, members, parts, sampling, step, time.perf_counter())
 
     def collect(self, pending: PendingRollout) -> RolloutResult:
         """Wait for a submitted batch: samples sorted by (prompt_id, sample_idx), each actor's tokens/s
-        over its own generation time, and `seconds` from submit until everything was gathered."""
+        over its own generation time, and `seconds` from submit until everything was gathered.
+
+        Requests of an actor that died are generated again by the others, then the dead actor is
+        replaced (see the module docstring); `failures` records each death and its recovery.
+        """
+        samples: list[Sample] = []
+        tokens: dict[str, int] = {}
+        busy: dict[str, float] = {}
+        dead: list[tuple[Member, int]] = []  # (member, samples it lost)
+        replaced: list[str] = []
+        detected, round_ = 0.0, pending
+        while lost := self._gather(round_, samples, tokens, busy):
+            detected = detected or time.perf_counter()
+            dead += self._forget(lost, pending, len(dead))
+            if not self.members:  # nobody left to re-dispatch to: replace first
+                replaced += self._replace(len(dead) - len(replaced))
+            requests = sorted((r for _, part in lost for r in part), key=lambda r: r[0])
+            round_ = self._dispatch(requests, pending.sampling, pending.step)
+        self._settle_in_flight()
+        regenerated = time.perf_counter() - detected
+        if len(dead) > len(replaced):
+            # Only now: replacements join the weight-sync group with every member, and a member
+            # answers the join only after its generate call.
+            replaced += self._replace(len(dead) - len(replaced))
+        recovered = time.perf_counter() - detected
+        failures = [
+            ActorFailure(m.name, m.node_id, m.node_ip, pending.step, n_lost, new, regenerated, recovered)
+            for (m, n_lost), new in zip(dead, replaced)
+        ]
+        for f in failures:
+            log.warning(
+                "rollout step %d: %s (node %s) replaced by %s at policy version %d; its %d samples were regenerated "
+                "%.1fs and the replacement served %.1fs after its death was noticed (%d of %d replacements used)",
+                f.step, f.name, f.node_ip, f.replaced_by, self.version, f.lost_samples, f.regenerated_s,
+                f.recovery_s, self.replacements, self.cfg.max_replacements,
+            )
+        samples.sort(key=lambda s: s.key)
+        keys = [s.key for s in samples]
+        if len(keys) != len(set(keys)) or set(keys) != pending.expected:
+            missing = sorted(pending.expected - set(keys))[:5]
+            raise RuntimeError(
+                f"rollout step {pending.step}: gathered {len(keys)} samples ({len(set(keys))} distinct) for "
+                f"{len(pending.expected)} expected; missing e.g. {missing}"
+            )
+        tokens_per_s = {name: tokens[name] / max(busy[name], 1e-9) for name in tokens}
+        return RolloutResult(samples, tokens_per_s, time.perf_counter() - pending.start, failures)
+
+    def _gather(
+        self, pending: PendingRollout, samples: list[Sample], tokens: dict[str, int], busy: dict[str, float]
+    ) -> list[tuple[Member, list[Request]]]:
+        """Add the samples, tokens and busy seconds of every live member; return the dead ones with their requests.
+
+        A member that does not answer within `rollout.call_timeout_s` is hung, not dead: that raises,
+        naming it, since its requests may still complete and could not be told apart from a retry.
+        """
         timeout = self.cfg.call_timeout_s
-        per_actor: list[list[Sample]] = get_with_timeout(pending.refs, pending.names, "rollout generate", timeout)
-        seconds = time.perf_counter() - pending.start
-        busy = get_with_timeout(
-            [a.last_call_seconds.remote() for a in pending.actors], pending.names, "rollout timing", timeout
+        _, late = ray.wait(pending.refs, num_returns=len(pending.refs), timeout=timeout)
+        if late:
+            hung = [m.name for r, m in zip(pending.refs, pending.members) if r in set(late)]
+            raise ActorCallError(f"rollout generate failed: no answer within {timeout:.0f}s from {', '.join(hung)}", hung)
+        lost, alive = [], []
+        for ref, member, requests in zip(pending.refs, pending.members, pending.requests):
+            try:
+                part: list[Sample] = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                lost.append((member, requests))
+                continue
+            samples += part
+            tokens[member.name] = tokens.get(member.name, 0) + sum(len(s.response_ids) for s in part)
+            alive.append(member)
+        seconds = get_with_timeout(
+            [m.actor.last_call_seconds.remote() for m in alive], [m.name for m in alive], "rollout timing", timeout
         )
-        tokens_per_s = {
-            name: sum(len(s.response_ids) for s in samples) / max(sec, 1e-9)
-            for name, samples, sec in zip(pending.names, per_actor, busy)
-        }
-        samples = sorted((s for part in per_actor for s in part), key=lambda s: s.key)
-        return RolloutResult(samples=samples, tokens_per_s=tokens_per_s, seconds=seconds)
+        for m, sec in zip(alive, seconds):
+            busy[m.name] = busy.get(m.name, 0.0) + sec
+        return lost
+
+    def _forget(
+        self, lost: list[tuple[Member, list[Request]]], pending: PendingRollout, already_dead: int
+    ) -> list[tuple[Member, int]]:
+        """Drop dead members (logging who, where and what they lost); raise once replacements run out."""
+        names = [m.name for m, _ in lost]
+        self.members = [m for m in self.members if m.name not in names]
+        self._retiring = [m for m in self._retiring if m.name not in names]
+        self._in_flight -= set(names)
+        self._stop([m for m, _ in lost])
+        where = ", ".join(f"{m.name} on node {m.node_ip} ({m.node_id[:12]})" for m, _ in lost)
+        limit = self.cfg.max_replacements
+        if self.replacements + already_dead + len(lost) > limit:
+            raise ActorCallError(
+                f"rollout step {pending.step}: {where} died and rollout.max_replacements={limit} replacements "
+                f"are used up ({self.replacements + already_dead} made). Raise rollout.max_replacements, or look "
+                "for the cause in the actor's log in the Ray session's logs folder",
+                names,
+            )
+        n = pending.sampling.n
+        log.warning(
+            "rollout step %d: %s died; re-dispatching its %d sample(s) to %s", pending.step, where,
+            sum(len(part) for _, part in lost) * n, ", ".join(self.actor_names) or "a replacement",
+        )
+        return [(m, len(part) * n) for m, part in lost]
+
+    def _replace(self, k: int) -> list[str]:
+        """Start k actors in place of dead ones, at the current weights and version."""
+        names = self.joiner(k) if self.joiner is not None else self.add_actors(k)
+        self.replacements += k
+        return names
+
+    def _settle_in_flight(self) -> None:
+        """After a batch is gathered: stop the actors removed while they were generating it."""
+        self._stop(self._retiring)
+        self._retiring = []
+        self._in_flight.clear()
 
     def generate(
         self, prompts: list[list[int]], n: int | None = None, sampling: SamplingConfig | None = None

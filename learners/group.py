@@ -20,7 +20,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
-from rlhf_ray.ray_utils import ActorCallError, get_with_timeout
+from rlhf_ray.ray_utils import ActorCallError, LearnerRankError, get_with_timeout
 
 from .batching import check_batch, num_rows, pad_rows, rank_rows, select_rows, split_rows
 from .models import ROLES, Role
@@ -29,6 +29,7 @@ from .worker import LearnerWorker
 Batch = dict[str, Any]
 LAYOUT = ("input_ids", "attention_mask", "position_ids", "response_mask", "prompt_len")
 SHUTDOWN_WAIT_S = 10.0
+PROBE_WAIT_S = 5.0  # a rank stuck in a collective does not answer; only an answered death counts
 RM_PAIR = ("chosen_input_ids", "chosen_attention_mask", "rejected_input_ids", "rejected_attention_mask")
 
 
@@ -96,10 +97,22 @@ class LearnerGroup:
         """Call `method` on every rank with its own arguments; answers in rank order.
 
         Raises as soon as any rank fails: the others are then stuck in a collective, and waiting
-        for them would only turn a clear error into a timeout.
+        for them would only turn a clear error into a timeout. When a rank has died the error is a
+        `LearnerRankError` naming it (the run can resume from its last checkpoint).
         """
         what = f"{self.role} learner {what or method}"
         refs = [getattr(w, method).remote(*a) for w, a in zip(self.workers, args)]
+        try:
+            return self._gather(refs, what)
+        except Exception as err:
+            dead = self.dead_ranks()
+            if not dead:
+                raise
+            if isinstance(err, ActorCallError) and all(f"{name} died" in str(err) for name in dead):
+                raise LearnerRankError(str(err), dead, dead) from err
+            raise LearnerRankError(f"{what} failed: {', '.join(dead)} died; then: {err}", dead, dead) from err
+
+    def _gather(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
         results: dict[int, Any] = {}
         pending, deadline = list(refs), time.monotonic() + self.cfg.call_timeout_s
         while pending:
@@ -112,6 +125,24 @@ class LearnerGroup:
             late = [i for i, r in enumerate(refs) if i not in results]
             get_with_timeout([refs[i] for i in late], [self.names[i] for i in late], what, 0)
         return [results[i] for i in range(len(refs))]
+
+    def dead_ranks(self) -> list[str]:
+        """Names of the ranks whose actor has died (a rank busy in a collective is not counted)."""
+        probes = [w.where.remote() for w in self.workers]
+        ray.wait(probes, num_returns=len(probes), timeout=PROBE_WAIT_S)
+        dead = []
+        for name, probe in zip(self.names, probes):
+            try:
+                ray.get(probe, timeout=0)
+            except ray.exceptions.RayActorError:
+                dead.append(name)
+            except Exception:  # no answer yet, or a timeout: alive as far as we can tell
+                pass
+        return dead
+
+    def where(self) -> dict[str, dict[str, str]]:
+        """Each rank's Ray node: {rank name: {"node_id", "node_ip"}}."""
+        return dict(zip(self.names, self._all("where")))
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         return self._each(method, [args] * self.num_ranks)

@@ -209,6 +209,10 @@ class LearnerWorker:
         """Restore a checkpoint written by `save`; returns its state.json."""
         return checkpoint.load(path, self.engine, self.adam, self.loop, self.rank, self.role)
 
+    def where(self) -> dict[str, str]:
+        """The Ray node this rank runs on: {"node_id", "node_ip"}; also the group's liveness probe."""
+        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
     def peak_rss_mib(self) -> float:
         """Peak resident memory of this process, MiB."""
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -15,7 +15,7 @@ from typing import Any
 import ray
 
 from rlhf_ray.config import WeightSyncConfig
-from rlhf_ray.ray_utils import ActorCallError, free_port, get_with_timeout
+from rlhf_ray.ray_utils import ActorCallError, LearnerRankError, free_port, get_with_timeout
 from rlhf_ray.weight_sync import SyncGroupSpec, compare_checksums, plan_buckets
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class BroadcastStats:
 class WeightBroadcaster:
     """Keeps a weight-sync group between a learner group and a rollout pool, and broadcasts through it.
 
-    `learners` must offer `workers` (Ray handles, rank 0 first) with `weight_metas()`,
+    `learners` must offer `workers` (Ray handles, rank 0 first) and their `names`, with `weight_metas()`,
     `join_weight_sync(spec)` and `send_weights(plan)`; `pool` must offer `actors`, `actor_names`,
     `workers_per_actor` (vLLM workers per actor, each a member of the group) and `version`, its
     actors `join_weight_sync(spec, rank)`, `receive_weights(plan, version)` and `weight_report()`.
@@ -47,6 +47,7 @@ class WeightBroadcaster:
 
     def __init__(self, learners: Any, pool: Any, cfg: WeightSyncConfig, backend: str = "gloo"):
         self.learners, self.pool, self.cfg, self.backend = learners, pool, cfg, backend
+        self.learner_names: list[str] = list(learners.names)
         metas = ray.get(learners.workers[0].weight_metas.remote())
         self.plan = plan_buckets(metas, int(cfg.bucket_mb * 2**20))
         self.total_bytes = sum(m.nbytes for m in metas)
@@ -55,7 +56,14 @@ class WeightBroadcaster:
         self._repairing = False
 
     def _call(self, refs: list, names: list[str], what: str) -> list:
-        return get_with_timeout(refs, names, what, self.cfg.timeout_s)
+        """Gather the calls; a dead learner rank raises LearnerRankError (nothing on the rollout side can fix that)."""
+        try:
+            return get_with_timeout(refs, names, what, self.cfg.timeout_s)
+        except ActorCallError as err:
+            ranks = [n for n in err.dead if n in self.learner_names]
+            if ranks:
+                raise LearnerRankError(str(err), ranks, ranks) from None
+            raise
 
     def _ensure_group(self) -> None:
         """(Re)build the group when the pool's membership changed since the last broadcast."""
@@ -76,11 +84,13 @@ class WeightBroadcaster:
         names = self.learner_names + list(self.pool.actor_names)
         try:
             self._call(refs, names, "joining the weight-sync group")
+        except LearnerRankError:
+            raise
         except ActorCallError as err:
             self._repair_after(err)
             raise
         self.members = list(self.pool.actor_names)
-        log.info("weight-sync group generation %d: learner-0 + %s", self.generation, ", ".join(self.members))
+        log.info("weight-sync group generation %d: %s + %s", self.generation, self.learner_names[0], ", ".join(self.members))
 
     def broadcast(self, version: int | None = None) -> BroadcastStats:
         """Send the learners' current weights to every rollout actor.
@@ -92,6 +102,8 @@ class WeightBroadcaster:
         start = time.perf_counter()
         try:
             send_sums, reload_s = (self._share if self.backend == "cuda_ipc" else self._send)(version)
+        except LearnerRankError:
+            raise
         except ActorCallError as err:
             self._repair_after(err)
             raise
@@ -128,10 +140,6 @@ class WeightBroadcaster:
             self._call([w.release_shared.remote() for w in workers], self.learner_names, "releasing shared buffers")
         return sums, reload_s
 
-    @property
-    def learner_names(self) -> list[str]:
-        return [f"learner-{i}" for i in range(len(self.learners.workers))]
-
     def _repair_after(self, err: ActorCallError) -> None:
         """After a failed broadcast: drop dead rollout actors, resend the current weights to the survivors.
 
@@ -159,9 +167,14 @@ class WeightBroadcaster:
                 self._repairing = False
 
     def add_actors(self, k: int) -> list[str]:
-        """Grow the pool by k actors that start serving only with the learners' current weights and version."""
+        """Grow the pool by k actors that start serving only with the learners' current weights and version.
+
+        They load the weights before they join the pool, and the weight-sync group is rebuilt with
+        them before this returns. This is also `pool.joiner`, the path replacements of dead actors take.
+        """
         weights = self.learners.export_weights()
         names = self.pool.add_actors(k, weights=weights, version=self.pool.version)
+        self._ensure_group()
         log.info("rollout actors %s joined at policy version %d", ", ".join(names), self.pool.version)
         return names
 

@@ -35,13 +35,21 @@ def cmd_make_tiny(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from rlhf_ray.driver import train
     from rlhf_ray.run import run_dir_for
+    from rlhf_ray.supervisor import train_supervised
 
     cfg = _config(args)
     if args.resume and not cfg.train.run_name:
         raise ConfigError("--resume needs train.run_name: the run folder to continue (runs/<run_name>)")
-    train(cfg, run_dir_for(cfg), resume=args.resume)
+    train_supervised(cfg, run_dir_for(cfg), resume=args.resume)
+
+
+def cmd_scale(args: argparse.Namespace) -> None:
+    """Ask a running `rlhf-ray train` for N rollout actors; it applies the request between steps."""
+    from rlhf_ray.elastic import write_scale_request
+
+    path = write_scale_request(args.run_dir, args.rollout)
+    print(json.dumps({"control_file": str(path), "rollout": {"num_actors": args.rollout}}))
 
 
 def _stage(kind: str, args: argparse.Namespace) -> None:
@@ -158,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", choices=["rollout", "sync", "training"], default=None,
                    help="run only this group of figures (repeatable; default: all)")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("scale", help="grow or shrink the rollout pool of a running `train` between steps")
+    p.add_argument("run_dir", help="the run folder (train.output_dir/train.run_name)")
+    p.add_argument("--rollout", type=int, required=True, help="number of rollout actors wanted")
+    p.set_defaults(fn=cmd_scale)
 
     p = sub.add_parser("make-tiny", help="build a tiny LM, tokenizer and reward model into OUT")
     p.add_argument("out")

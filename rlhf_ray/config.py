@@ -64,7 +64,9 @@ class RolloutConfig(Section):
         default_factory=dict, description="Custom Ray resources each actor needs, e.g. {rollout: 1}."
     )
     call_timeout_s: float = Field(600.0, gt=0, description="Per-call timeout before an actor is declared hung.")
-    max_restarts: int = Field(2, ge=0, description="Replacements of a dead actor before the run fails.")
+    max_replacements: int = Field(
+        2, ge=0, description="Dead rollout actors the pool replaces during a run; one more death fails the run."
+    )
     truncate_prompts: bool = Field(False, description="Left-truncate prompts over the context instead of failing.")
     seed: int = 0
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -186,6 +188,9 @@ class TrainConfig(Section):
     async_mode: bool = False
     max_staleness: int = Field(1, ge=0, description="Policy versions a sample may lag in async mode.")
     eval_every: int = Field(0, ge=0)
+    max_learner_restarts: int = Field(
+        2, ge=0, description="Times `rlhf-ray train` resumes from the last complete checkpoint after a learner rank dies."
+    )
     output_dir: str = "runs"
     run_name: str = ""
     seed: int = 0

@@ -16,6 +16,7 @@ import torch
 
 from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController, masked_mean
 from rlhf_ray.config import RunConfig
+from rlhf_ray.elastic import apply_scaling, failure_metrics, log_failures
 from rlhf_ray.experience import make_experience
 from rlhf_ray.protocol import RolloutResult, collate
 from rlhf_ray.run import RunComponents, build_components, restore_checkpoint, save_checkpoint
@@ -75,6 +76,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
     try:
         for step in range(start, cfg.train.steps):
             timer, step_start = StageTimer(), time.perf_counter()
+            pool_metrics = apply_scaling(c, step)  # the size asked for by `rlhf-ray scale`, between steps
 
             # 1. rollout: n samples for each of B prompts (in async mode, generated during the previous update)
             with timer("generate"):
@@ -118,7 +120,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
                 sync = c.broadcaster.broadcast()
 
             # 5. logging and checkpoints
-            step_metrics |= rollout_metrics(rollout, batch, old_logp)
+            step_metrics |= rollout_metrics(rollout, batch, old_logp) | failure_metrics(rollout) | pool_metrics
             step_metrics |= {
                 "reward/mean": float(rewards["scores"].mean()),
                 "reward/std": float(rewards["scores"].std()),
@@ -137,6 +139,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
                 )
             c.tracker.log(step_metrics, step=step)
             c.tracker.log_samples(step, prompts, responses, rewards["scores"].tolist())
+            log_failures(c.tracker, step, rollout)
             print(c.tracker.console_line(step, cfg.train.steps, step_metrics), flush=True)
             if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps:
                 save_checkpoint(c, step + 1, kl_ctl, pending_batches=int(pending is not None))

@@ -38,12 +38,27 @@ class Sample:
 
 
 @dataclass
+class ActorFailure:
+    """A rollout actor that died during a generate call, and how the pool recovered."""
+
+    name: str
+    node_id: str
+    node_ip: str
+    step: int  # the rollout step (generate call) it died in
+    lost_samples: int  # samples it had been given; all were generated again by other actors
+    replaced_by: str  # name of the actor started in its place
+    regenerated_s: float  # from noticing the death until its samples were generated again
+    recovery_s: float  # from noticing the death until the replacement served the current weights
+
+
+@dataclass
 class RolloutResult:
     """What `RolloutPool.generate` returns: samples grouped by prompt, in prompt order."""
 
     samples: list[Sample]
     tokens_per_s: dict[str, float] = field(default_factory=dict)  # per actor, generated tokens/s
     seconds: float = 0.0
+    failures: list[ActorFailure] = field(default_factory=list)  # actors that died and were replaced
 
     @property
     def num_tokens(self) -> int:

@@ -12,7 +12,19 @@ from rlhf_ray.config import ClusterConfig
 
 
 class ActorCallError(RuntimeError):
-    """A Ray call failed or timed out; the message names the actor and the method."""
+    """A Ray call failed or timed out; the message names the actor and the method.
+
+    `failed` lists the names of the actors that died, raised or did not answer; `dead` those that died.
+    """
+
+    def __init__(self, message: str, failed: list[str] | None = None, dead: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.failed = list(failed or [])
+        self.dead = list(dead or [])
+
+
+class LearnerRankError(ActorCallError):
+    """A learner rank died: the step cannot finish, but the run can resume from its last complete checkpoint."""
 
 
 def init_ray(cluster: ClusterConfig | None = None) -> None:
@@ -52,7 +64,7 @@ def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, tim
     """
     ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     pending = set(not_ready)
-    out, errors = [], []
+    out, errors, failed, dead = [], [], [], []
     for ref, name in zip(refs, names):
         if ref in pending:
             continue
@@ -62,14 +74,18 @@ def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, tim
             # The last line of Ray's message is the cause, e.g. the exception raised in __init__.
             cause = ([line for line in str(err).splitlines() if line.strip()] or [""])[-1].strip()
             errors.append(f"{name} died ({type(err).__name__}: {cause})")
+            failed.append(name)
+            dead.append(name)
         except ray.exceptions.RayTaskError as err:
             if not errors and not pending:
                 # An exception raised by our own code inside the actor: keep its type and message.
                 raise err.as_instanceof_cause() from None
             errors.append(f"{name} raised {str(err.cause)[:200] if err.cause else type(err).__name__}")
+            failed.append(name)
     if pending:
         late = [n for r, n in zip(refs, names) if r in pending]
         errors.append(f"no answer within {timeout_s:.0f}s from {', '.join(late)}")
+        failed += late
     if errors:
-        raise ActorCallError(f"{what} failed: " + "; ".join(errors))
+        raise ActorCallError(f"{what} failed: " + "; ".join(errors), failed, dead)
     return out

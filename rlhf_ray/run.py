@@ -63,6 +63,7 @@ class RunComponents:
     checkpoints: CheckpointWriter
     reward_normalizer: RewardNormalizer
     closers: list = field(default_factory=list)
+    failed_scale_request: float | None = None  # `requested_at` of a scale request that could not be met
 
     def close(self) -> None:
         for close in reversed(self.closers):
@@ -131,6 +132,8 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
         reference.ping()
         reward.ping()
         broadcaster = WeightBroadcaster(policy, pool, cfg.weight_sync, weight_sync_backend(cfg))
+        pool.joiner = broadcaster.add_actors  # replacements of dead actors join with the current weights
+        write_placement(run_dir / "placement.json", pool, [policy] + ([critic] if critic else []))
         tracker = Tracker(cfg.tracking, run_dir, cfg.train.run_name or run_dir.name, cfg.model_dump(mode="json"))
         closers.append(tracker.finish)
     except BaseException:
@@ -141,6 +144,24 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
         cfg, run_dir, tokenizer, prompts, pool, policy, critic, reference, reward, broadcaster, tracker,
         CheckpointWriter.for_run(run_dir, cfg.checkpoint), RewardNormalizer(cfg.reward.normalize), closers,
     )
+
+
+def write_placement(path: Path, pool: RolloutPool, groups: list[LearnerGroup]) -> None:
+    """Record the Ray node (id, address and custom resources) each rollout actor and learner rank started on."""
+    nodes = {n["NodeID"]: n for n in ray.nodes()}
+
+    def entry(node_id: str, node_ip: str) -> dict[str, Any]:
+        node = nodes.get(node_id, {})
+        custom = {k: v for k, v in node.get("Resources", {}).items()
+                  if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith("node:")}
+        # The node's Ray address; the host's own address (what a worker sees) can differ from it.
+        return {"node_id": node_id, "node_ip": node.get("NodeManagerAddress", node_ip), "node_resources": custom}
+
+    placement = {m.name: entry(m.node_id, m.node_ip) for m in pool.members}
+    for group in groups:
+        placement |= {name: entry(w["node_id"], w["node_ip"]) for name, w in group.where().items()}
+    path.write_text(json.dumps(placement, indent=2))
+    log.info("placement: %s", ", ".join(f"{k} on {v['node_ip']}" for k, v in placement.items()))
 
 
 def save_checkpoint(c: RunComponents, step: int, kl_ctl: FixedKLController | AdaptiveKLController, pending_batches: int = 0) -> None:

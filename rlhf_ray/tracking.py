@@ -30,6 +30,13 @@ METRICS: dict[str, str] = {
     "rollout/policy_version": "Oldest policy version among the step's samples (updates since start).",
     "rollout/logprob_diff_mean": "Mean |vLLM - learner| log-prob of the sampled tokens (nats/token).",
     "rollout/logprob_diff_max": "Largest |vLLM - learner| log-prob gap on any sampled token (nats).",
+    "rollout/tokens_per_s/<actor>": "Response tokens per second of each rollout actor's own generation time (tokens/s).",
+    "rollout/num_actors": "Rollout actors the step ran with; changes with `rlhf-ray scale` (count).",
+    "rollout/actor_failures": "Rollout actors that died during the step's generation; W&B table rollout/failures "
+    "names each with its node (count).",
+    "rollout/actor_restarts": "Dead rollout actors replaced during the step (count).",
+    "rollout/recovery_s": "Longest time from noticing a rollout actor's death to its samples regenerated and its "
+    "replacement serving (s).",
     # reward: scores of the step's samples, before the KL penalty
     "reward/mean": "Mean combined reward per sequence (reward units).",
     "reward/std": "Standard deviation of the combined reward per sequence (reward units).",

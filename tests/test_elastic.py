@@ -1,0 +1,328 @@
+"""Elasticity and fault tolerance with real Ray, vLLM and DeepSpeed on a tiny model (CPU).
+
+A rollout actor killed mid-generation loses no sample and is replaced at the current weights;
+the pool grows 1 -> 2 actors during a run through `rlhf-ray scale`; a killed learner rank is
+survived by resuming from the last checkpoint; on a two-node loopback cluster rollout actors
+and learners land on the nodes carrying their custom resources.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+import pytest
+import ray
+import torch
+
+from actors.rollout_pool import RolloutPool
+from learners import LearnerGroup
+from rlhf_ray import cli
+from rlhf_ray.broadcast import WeightBroadcaster
+from rlhf_ray.config import LearnerConfig, ModelConfig, RolloutConfig, RunConfig, SamplingConfig, WeightSyncConfig, load_config
+from rlhf_ray.elastic import read_scale_request, write_scale_request
+from rlhf_ray.ray_utils import ActorCallError, free_port
+from rlhf_ray.supervisor import train_supervised
+from rlhf_ray.synthetic import prompt_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cfg(tiny_model_dir: Path, tmp: Path, run_name: str, *overrides: str) -> RunConfig:
+    """A tiny GRPO run with a rule reward: 4 prompts × 2 samples of at most 8 tokens per step."""
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(32, seed=0)))
+    return load_config(None, [
+        f"model.policy_path={tiny_model_dir / 'policy'}", "model.max_model_len=64",
+        "algorithm.name=grpo", "algorithm.kl.placement=loss", "algorithm.kl.estimator=k3",
+        "reward.use_model=false", "reward.functions=[{path: 'rlhf_ray.rewards:brevity'}]", "reward.num_cpus=0.5",
+        f"data.prompts.path={prompts}", "rollout.kv_cache_space_gib=0.25", "rollout.sampling.n=2",
+        "rollout.sampling.max_new_tokens=8", "learner.micro_batch_size=4", "learner.minibatch_size=8",
+        "train.prompts_per_step=4", f"train.output_dir={tmp}", f"train.run_name={run_name}",
+        "tracking.backend=none", *overrides,
+    ])
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def when(condition: Callable[[], bool], action: Callable[[], None], timeout_s: float = 600) -> threading.Thread:
+    """Run `action` in a thread as soon as `condition` holds (polled every 50 ms): an operator acting mid-run."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if condition():
+                action()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+# ---------------------------------------------------------------- a rollout actor dies mid-generation
+
+
+@pytest.fixture
+def synced_pool(tiny_model_dir: Path, ray_cluster: None) -> Iterator[tuple[RolloutPool, LearnerGroup, WeightBroadcaster]]:
+    """Two rollout actors serving policy version 1 (weights the learner changed), replacements via the broadcaster."""
+    model_cfg = ModelConfig(policy_path=str(tiny_model_dir / "policy"), max_model_len=64)
+    policy = LearnerGroup("policy", model_cfg.policy_path, LearnerConfig(lr=5e-3, micro_batch_size=4, minibatch_size=4), model_cfg)
+    rollout_cfg = RolloutConfig(num_actors=2, kv_cache_space_gib=0.25, max_replacements=1,
+                                sampling=SamplingConfig(n=2, max_new_tokens=8))
+    pool = RolloutPool(model_cfg, rollout_cfg)
+    sync = WeightBroadcaster(policy, pool, WeightSyncConfig(bucket_mb=0.05, timeout_s=60))
+    pool.joiner = sync.add_actors
+    ids = torch.randint(5, 400, (4, 12), generator=torch.Generator().manual_seed(0))
+    policy.sft_step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)})
+    sync.broadcast()
+    yield pool, policy, sync
+    pool.shutdown()
+    policy.shutdown()
+
+
+def test_killed_rollout_actor_loses_no_sample_and_its_replacement_serves_current_weights(synced_pool):
+    pool, policy, sync = synced_pool
+    assert pool.version == 1
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, 400, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(16)]
+
+    sampling = SamplingConfig(n=2, max_new_tokens=24)  # long enough that the kill lands mid-generation
+    pending = pool.submit(prompts, sampling=sampling)
+    victim = pending.members[-1]
+    ray.kill(victim.actor)  # it has accepted its share of the batch
+    start = time.perf_counter()
+    result = pool.collect(pending)
+    f = result.failures[0]
+    print(f"\nkilled {victim.name}: its {f.lost_samples} samples regenerated {f.regenerated_s:.1f}s and replacement "
+          f"{f.replaced_by} serving {f.recovery_s:.1f}s after the death was noticed; batch of {len(result.samples)} "
+          f"complete {time.perf_counter() - start:.1f}s after the kill; samples lost 0")
+
+    assert [s.key for s in result.samples] == [(p, i) for p in range(16) for i in range(2)]  # each prompt n times, once
+    assert {s.policy_version for s in result.samples} == {1}
+    assert victim.name not in {s.actor_name for s in result.samples}
+    [failure] = result.failures
+    assert failure.name == victim.name and failure.step == pending.step and failure.node_id == victim.node_id
+    assert failure.lost_samples == 2 * len(pending.requests[-1]) > 0
+    assert failure.replaced_by in pool.actor_names and victim.name not in pool.actor_names
+    assert pool.num_actors == 2 and pool.replacements == 1
+
+    # The replacement holds the survivor's weights (version 1, not the checkpoint's) and serves them.
+    new = next(m for m in pool.members if m.name == failure.replaced_by)
+    survivor = next(m for m in pool.members if m.name != failure.replaced_by)
+    assert ray.get(new.actor.version.remote()) == 1
+    assert ray.get(new.actor.weight_checksums.remote()) == pytest.approx(ray.get(survivor.actor.weight_checksums.remote()))
+    pool.step -= 1  # the same step again: per-prompt seeds make every sample the same, whoever serves it
+    again = pool.generate(prompts, sampling=sampling)
+    assert {s.actor_name for s in again.samples} == {new.name, survivor.name}
+    assert {s.policy_version for s in again.samples} == {1}
+    assert [s.response_ids for s in again.samples] == [s.response_ids for s in result.samples]
+    assert sync.broadcast().version == 2  # it is in the weight-sync group; checksums verified on every actor
+
+    # The replacement budget (rollout.max_replacements=1) is spent: the next death is a clear error.
+    pending = pool.submit(prompts)
+    ray.kill(pending.members[0].actor)
+    with pytest.raises(ActorCallError, match=f"{pending.members[0].name} on node .* rollout.max_replacements=1"):
+        pool.collect(pending)
+
+
+# ---------------------------------------------------------------- scaling 1 -> 2 during a run
+
+
+@pytest.mark.slow
+def test_scale_rollout_pool_from_one_to_two_actors_during_a_run(tiny_model_dir: Path, tmp_path: Path, ray_cluster: None):
+    cfg = run_cfg(tiny_model_dir, tmp_path, "scaled", "train.steps=3", "rollout.num_actors=1")
+    run_dir = tmp_path / "scaled"
+    # After step 0 is logged, an operator asks for 2 actors; the driver applies it before a later step.
+    when(lambda: len(metric_rows(run_dir)) >= 1, lambda: cli.main(["scale", str(run_dir), "--rollout", "2"]))
+    train_supervised(cfg, run_dir)
+
+    rows = metric_rows(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    actors = [sorted(k.removeprefix("rollout/tokens_per_s/") for k in r if k.startswith("rollout/tokens_per_s/"))
+              for r in rows]
+    assert rows[0]["rollout/num_actors"] == 1 and actors[0] == ["rollout-0"]
+    assert rows[-1]["rollout/num_actors"] == 2 and actors[-1] == ["rollout-0", "rollout-1"]
+    assert [r["rollout/policy_version"] for r in rows] == [0, 1, 2]  # the new actor served the current version
+    before = [r["rollout/tokens_per_s"] for r, a in zip(rows, actors) if len(a) == 1]
+    after = [r["rollout/tokens_per_s"] for r, a in zip(rows, actors) if len(a) == 2]
+    per_actor = [{k.rsplit("/", 1)[1]: round(v) for k, v in r.items() if k.startswith("rollout/tokens_per_s/")} for r in rows]
+    print(f"\nrollout tokens/s with 1 actor: {[round(x) for x in before]}; with 2 actors: {[round(x) for x in after]}; "
+          f"per actor and step: {per_actor}")
+    assert json.loads((run_dir / "control.json").read_text())["rollout"]["num_actors"] == 2
+
+
+def test_scale_command_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert cli.main(["scale", str(tmp_path), "--rollout", "2"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("{}")
+    assert cli.main(["scale", str(tmp_path), "--rollout", "0"]) == 2
+    assert "--rollout 0" in capsys.readouterr().err
+    assert not (tmp_path / "control.json").exists()
+
+
+def test_control_file_round_trip_and_malformed_files_are_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    (tmp_path / "config.yaml").write_text("{}")
+    write_scale_request(tmp_path, 3)
+    request = read_scale_request(tmp_path)
+    assert request is not None and request.num_actors == 3 and request.requested_at > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "control.json"]  # no temporary file left
+    (tmp_path / "control.json").write_text('{"rollout": {"num_actors": "two"}}')
+    assert read_scale_request(tmp_path) is None and "must be an integer" in caplog.text
+    (tmp_path / "control.json").write_text('{"rollout": ')
+    assert read_scale_request(tmp_path) is None
+
+
+# ---------------------------------------------------------------- a learner rank dies
+
+
+def learner_pids(started_after_ms: float) -> list[int]:
+    """Processes of live LearnerWorker actors of this session's Ray started after the given time."""
+    table = ray._private.state.actors()  # the GCS actor table; the state API would need the dashboard
+    return [a["Pid"] for a in table.values() if a["ActorClassName"] == "LearnerWorker"
+            and a["State"] == "ALIVE" and a["StartTime"] >= started_after_ms]
+
+
+@pytest.mark.slow
+def test_killed_learner_rank_resumes_from_the_last_checkpoint(tiny_model_dir: Path, tmp_path: Path, ray_cluster: None):
+    cfg = run_cfg(tiny_model_dir, tmp_path, "learner-dies", "train.steps=3", "checkpoint.every=1",
+                  "learner.num_ranks=2", "learner.micro_batch_size=2", "learner.call_timeout_s=120")
+    run_dir = tmp_path / "learner-dies"
+    started_ms = time.time() * 1000
+    killed: list[int] = []
+
+    def kill_rank() -> None:
+        pid = max(learner_pids(started_ms))
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    # Right after the step-1 checkpoint is complete, during step 1: SIGKILL one rank's process.
+    when(lambda: (run_dir / "checkpoints" / "step_000001").is_dir(), kill_rank)
+    metrics = train_supervised(cfg, run_dir)
+
+    assert killed, "the learner rank was never killed"
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["step"], e["resume_from_step"], e["restart"]) for e in events] == [
+        ("learner_failure", 1, 1, 1)
+    ]
+    [rank] = events[0]["ranks"]
+    assert rank in ("policy-learner-0", "policy-learner-1") and f"{rank} died" in events[0]["error"]
+    assert [r["step"] for r in metric_rows(run_dir)] == [0, 1, 2]
+    assert metrics["rollout/policy_version"] == 2
+    assert (run_dir / "checkpoints" / "step_000003").is_dir()
+
+
+# ---------------------------------------------------------------- two nodes on loopback
+
+
+class LoopbackCluster:
+    """A Ray head carrying `learner` and a worker node carrying `rollout`, each with its own temp dir.
+
+    Stopped by ending exactly the processes whose command line names this cluster's temp dir
+    (`ray stop` would end every Ray on the machine).
+    """
+
+    def __init__(self) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="rl6_", dir="/tmp")
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.env["PYTHONPATH"] = os.pathsep.join([str(ROOT), self.env.get("PYTHONPATH", "")])
+        # Token auth as on a real cluster, with this cluster's own token: Ray turns it on for a head
+        # by itself when a token file exists, and a joining node must then present the same token.
+        token = Path(self.temp_dir) / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        self.env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        self._start([ray_bin, "start", "--head", "--port", str(self.port), "--include-dashboard=false",
+                     "--ray-client-server-port", str(free_port()), "--num-cpus", "3", "--resources",
+                     '{"learner": 1}', *self._node_args()])
+        self._start([ray_bin, "start", "--address", self.address, "--num-cpus", "2", "--resources",
+                     '{"rollout": 2}', *self._node_args()])
+
+    def _node_args(self) -> list[str]:
+        """Arguments of one node: every port its agents listen on is a free one, so clusters never collide."""
+        ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
+        return ["--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir, "--object-store-memory",
+                str(200 * 2**20), "--disable-usage-stats", *[a for p in ports for a in (p, str(free_port()))]]
+
+    def _start(self, cmd: list[str]) -> None:
+        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
+        if out.returncode:
+            self.stop()
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+
+    def processes(self) -> list[psutil.Process]:
+        mine = []
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(self.temp_dir in part for part in proc.info["cmdline"] or []):
+                mine.append(proc)
+        return mine
+
+    def stop(self) -> None:
+        procs = self.processes()
+        for proc in procs:
+            proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for proc in alive:
+            proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+
+
+@pytest.fixture
+def loopback_cluster() -> Iterator[LoopbackCluster]:
+    cluster = LoopbackCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        left = cluster.processes()
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+        assert not left, f"processes of the loopback cluster are still running: {left}"
+
+
+@pytest.mark.slow
+def test_two_node_cluster_places_rollout_and_learners_by_custom_resource(
+    tiny_model_dir: Path, tmp_path: Path, loopback_cluster: LoopbackCluster
+):
+    cfg_args = [
+        f"model.policy_path={tiny_model_dir / 'policy'}", "model.max_model_len=64", "algorithm.name=grpo",
+        "algorithm.kl.placement=loss", "reward.use_model=false", "reward.functions=[{path: 'rlhf_ray.rewards:brevity'}]",
+        "reward.num_cpus=0.5", f"data.prompts.path={tmp_path / 'prompts.jsonl'}", "rollout.kv_cache_space_gib=0.25",
+        "rollout.sampling.n=2", "rollout.sampling.max_new_tokens=8", "rollout.resources={rollout: 1}",
+        "learner.resources={learner: 1}", "learner.micro_batch_size=4", "learner.minibatch_size=8",
+        "train.prompts_per_step=4", "train.steps=2", f"train.output_dir={tmp_path}", "train.run_name=two-nodes",
+        "tracking.backend=none", f"cluster.address={loopback_cluster.address}",
+    ]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(16, seed=0)))
+    env = dict(loopback_cluster.env, RAY_ADDRESS=loopback_cluster.address)
+    out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "train", *cfg_args], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    run_dir = tmp_path / "two-nodes"
+    assert [r["step"] for r in metric_rows(run_dir)] == [0, 1]
+    placement = json.loads((run_dir / "placement.json").read_text())
+    assert set(placement) == {"rollout-0", "policy-learner-0"}
+    assert "rollout" in placement["rollout-0"]["node_resources"]
+    assert "learner" not in placement["rollout-0"]["node_resources"]
+    assert "learner" in placement["policy-learner-0"]["node_resources"]
+    assert placement["rollout-0"]["node_id"] != placement["policy-learner-0"]["node_id"]
