@@ -24,5 +24,10 @@ def flaky_once(prompt, response, row):
     return 2.0
 
 
-def returns_nan(prompt, response, row):
-    return float("nan")
+nan_calls = [0]
+
+
+def nan_every_other_call(prompt, response, row):
+    """NaN on every second call: with n=2 samples per prompt, one sample of each group."""
+    nan_calls[0] += 1
+    return float("nan") if nan_calls[0] % 2 else 1.0

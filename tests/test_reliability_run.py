@@ -23,7 +23,8 @@ def test_nan_rewards_are_masked_and_no_secret_leaves_the_process(
     tiny_model_dir: Path, tmp_path: Path, ray_cluster: None, monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """F9 + security: a rule reward returns NaN for every row; the secrets sit in the environment and in
+    """F9 + security: a rule reward returns NaN for half the rows (a function failing on every row is an
+    error, tested in test_rewards.py); the secrets sit in the environment and in
     config fields that end up in prompts, the saved config and the W&B run."""
     monkeypatch.setenv("WANDB_API_KEY", WANDB_SECRET)
     monkeypatch.setenv("HF_TOKEN", HUB_SECRET)
@@ -33,7 +34,7 @@ def test_nan_rewards_are_masked_and_no_secret_leaves_the_process(
     cfg = load_config(None, [
         f"model.policy_path={tiny_model_dir / 'policy'}", "model.max_model_len=256",
         "algorithm.name=grpo", "algorithm.kl.placement=loss", "algorithm.kl.estimator=k3",
-        "reward.use_model=false", "reward.functions=[{path: 'reward_fns:returns_nan'}]", "reward.retries=0",
+        "reward.use_model=false", "reward.functions=[{path: 'reward_fns:nan_every_other_call'}]", "reward.retries=0",
         f"data.prompts.path={prompts}", f"data.prompts.system_prompt=Use key {WANDB_SECRET} or {HUB_SECRET}.",
         "rollout.kv_cache_space_gib=0.25", "rollout.sampling.n=2", "rollout.sampling.max_new_tokens=8",
         "learner.micro_batch_size=8", "learner.minibatch_size=8", "learner.lr=1e-2",
@@ -45,8 +46,8 @@ def test_nan_rewards_are_masked_and_no_secret_leaves_the_process(
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]
-    for r in rows:  # every sample masked and counted; the update ran on zero advantages, nothing skipped
-        assert r["reward/masked_rows"] == 8 and r["reward/mean"] == 0.0 and r["train/advantage_mean"] == 0.0
+    for r in rows:  # the NaN samples masked and counted; the update ran on finite advantages, nothing skipped
+        assert r["reward/masked_rows"] == 4
         assert r["train/skipped_steps"] == 0 and r["train/consecutive_skips"] == 0
         assert all(math.isfinite(v) for k, v in r.items() if k.startswith(("train/", "kl/")))
     latest = latest_complete(run_dir / "checkpoints")
