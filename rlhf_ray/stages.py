@@ -13,7 +13,7 @@ import torch
 from learners import LearnerGroup
 from rlhf_ray.config import RunConfig, SupervisedConfig
 from rlhf_ray.data import tokenize_preferences, tokenize_sft
-from rlhf_ray.data.tokenize import pad_id, pad_right
+from rlhf_ray.data.tokenize import cut_responses, pad_id, pad_right
 
 log = logging.getLogger(__name__)
 Logger = Callable[[dict[str, float], int], None]
@@ -60,6 +60,20 @@ def pretrain_batch(texts: list[str], tokenizer: Any, max_len: int) -> dict[str, 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
+def warn_cut_responses(
+    rows: list[dict], tokenizer: Any, max_len: int, fields: tuple[str, ...], name: str, logger: Logger
+) -> None:
+    """Say (console and metric `<name>/cut_responses`) how many rows a too-small max_len will cut."""
+    cut = cut_responses(rows, tokenizer, max_len, fields)
+    logger({f"{name}/cut_responses": float(len(cut))}, 0)
+    if cut:
+        log.warning(
+            "%s: %d of %d rows are longer than %s.max_len=%d and lose the end of their response (and its EOS), "
+            "e.g. rows %s (fix: raise %s.max_len, or shorten those rows)",
+            name, len(cut), len(rows), name, max_len, cut[:5], name,
+        )
+
+
 def run_lm_stage(
     cfg: RunConfig, stage: SupervisedConfig, start_path: str, out_path: Path,
     make_batch: Callable[[list[int]], dict[str, torch.Tensor]], num_rows: int, name: str, logger: Logger,
@@ -86,6 +100,7 @@ def run_pretrain(cfg: RunConfig, texts: list[str], tokenizer: Any, out_path: Pat
 
 def run_sft(cfg: RunConfig, rows: list[dict], tokenizer: Any, start_path: str, out_path: Path, logger: Logger) -> dict[str, float]:
     """Instruction finetuning on {prompt (formatted), response} rows; loss on response tokens + EOS."""
+    warn_cut_responses(rows, tokenizer, cfg.sft.max_len, ("response",), "sft", logger)
     return run_lm_stage(
         cfg, cfg.sft, start_path, out_path,
         lambda idx: tokenize_sft([rows[i] for i in idx], tokenizer, cfg.sft.max_len), len(rows), "sft", logger,
@@ -110,6 +125,7 @@ def run_rm(
     """
     stage = cfg.rm
     _check_rows(stage, len(train_rows), "rm")
+    warn_cut_responses(train_rows + eval_rows, tokenizer, stage.max_len, ("chosen", "rejected"), "rm", logger)
     steps = stage.epochs * (len(train_rows) // stage.batch_size)
     metrics: dict[str, float] = {}
     with LearnerGroup("reward", start_path, _stage_learner_cfg(cfg, stage), cfg.model, total_steps=steps) as group:

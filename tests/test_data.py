@@ -9,6 +9,7 @@ from test_prompts import make_tokenizer
 
 from rlhf_ray.config import DatasetConfig
 from rlhf_ray.data import DataError, PromptSampler, load_dataset, tokenize_preferences, tokenize_prompts, tokenize_sft
+from rlhf_ray.data.tokenize import cut_responses
 from rlhf_ray.prompts import encode_prompt, format_prompt
 
 GOOD = {
@@ -229,6 +230,17 @@ def test_sft_truncates_the_response_and_refuses_a_prompt_with_no_room(tok):
     assert batch["input_ids"].shape == (1, P + 2) and batch["loss_mask"].sum() == 2
     with pytest.raises(DataError, match=f"row 0: field 'prompt': {P} tokens leave no room for a response"):
         tokenize_sft([row], tok, max_len=P)
+
+
+def test_cut_responses_lists_exactly_the_rows_over_max_len(tok):
+    short = {"prompt": "Hi", "response": "calm", "chosen": "calm", "rejected": "warm"}
+    long = {"prompt": "Hi", "response": "calm " * 30, "chosen": "calm", "rejected": "warm " * 30}
+    P = len(encode_prompt("Hi", tok))
+    fits = P + len(tok("calm", add_special_tokens=False)["input_ids"]) + 1  # prompt + response + EOS
+    assert cut_responses([short, long, short], tok, fits, ("response",)) == [1]
+    assert cut_responses([long, short], tok, fits, ("chosen", "rejected")) == [0]  # either side counts
+    assert cut_responses([short], tok, fits - 1, ("response",)) == [0]  # one token over is cut
+    assert cut_responses([short, long], tok, 10_000, ("response",)) == []
 
 
 def test_sft_rows_from_messages(tmp_path, tok):

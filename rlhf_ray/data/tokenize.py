@@ -60,6 +60,18 @@ def join(prompt: list[int], response: list[int], max_len: int, row: int) -> tupl
     return seq, len(seq) - len(prompt)
 
 
+def cut_responses(
+    rows: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerBase, max_len: int, fields: Sequence[str]
+) -> list[int]:
+    """Indices of the rows whose prompt + `fields` response (with EOS) is longer than max_len and would be cut."""
+    cut = []
+    for i, row in enumerate(rows):
+        n_prompt = len(encode_prompt(row["prompt"], tokenizer))
+        if any(n_prompt + len(encode_response(row[f], tokenizer)) > max_len for f in fields):
+            cut.append(i)
+    return cut
+
+
 def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [N, L], attention_mask [N, L]) right-padded to the longest sequence L."""
     if not seqs:
