@@ -65,8 +65,11 @@ class WeightBroadcaster:
                 raise LearnerRankError(str(err), ranks, ranks) from None
             raise
 
-    def _ensure_group(self) -> None:
-        """(Re)build the group when the pool's membership changed since the last broadcast."""
+    def _ensure_group(self, version: int) -> None:
+        """(Re)build the group when the pool's membership changed since the last broadcast.
+
+        `version` labels the learners' current weights, should a failed join force a resend.
+        """
         if self.backend == "cuda_ipc" or self.members == list(self.pool.actor_names):
             return
         self.generation += 1
@@ -87,7 +90,7 @@ class WeightBroadcaster:
         except LearnerRankError:
             raise
         except ActorCallError as err:
-            self._repair_after(err)
+            self._repair_after(err, version)
             raise
         self.members = list(self.pool.actor_names)
         log.info("weight-sync group generation %d: %s + %s", self.generation, self.learner_names[0], ", ".join(self.members))
@@ -97,15 +100,15 @@ class WeightBroadcaster:
 
         The policy version goes up by one, or becomes `version` (a resumed run restores its own).
         """
-        self._ensure_group()
         version = self.pool.version + 1 if version is None else version
+        self._ensure_group(version)
         start = time.perf_counter()
         try:
             send_sums, reload_s = (self._share if self.backend == "cuda_ipc" else self._send)(version)
         except LearnerRankError:
             raise
         except ActorCallError as err:
-            self._repair_after(err)
+            self._repair_after(err, version)
             raise
         seconds = time.perf_counter() - start
         self.pool.version = version
@@ -140,11 +143,12 @@ class WeightBroadcaster:
             self._call([w.release_shared.remote() for w in workers], self.learner_names, "releasing shared buffers")
         return sums, reload_s
 
-    def _repair_after(self, err: ActorCallError) -> None:
+    def _repair_after(self, err: ActorCallError, version: int) -> None:
         """After a failed broadcast: drop dead rollout actors, resend the current weights to the survivors.
 
         A broadcast that failed midway may have left survivors with some new and some old layers;
-        resending under the pool's current version restores one consistent set everywhere.
+        resending them, labelled `version` (the version of the learners' current weights), restores
+        one consistent set everywhere.
         """
         self.members = []  # a peer failed mid-collective: the group must be rebuilt before reuse
         if self._repairing:  # the resend itself failed: give up, the caller sees the first error
@@ -162,7 +166,7 @@ class WeightBroadcaster:
         if self.pool.actors:
             self._repairing = True
             try:
-                self.broadcast(version=self.pool.version)
+                self.broadcast(version=version)
             finally:
                 self._repairing = False
 
@@ -174,7 +178,7 @@ class WeightBroadcaster:
         """
         weights = self.learners.export_weights()
         names = self.pool.add_actors(k, weights=weights, version=self.pool.version)
-        self._ensure_group()
+        self._ensure_group(self.pool.version)
         log.info("rollout actors %s joined at policy version %d", ", ".join(names), self.pool.version)
         return names
 
