@@ -47,7 +47,7 @@ class PlanError(ValueError):
 class ResourceRequest:
     """What one actor asks Ray for: `resources` maps Ray resource names (CPU, GPU, custom) to amounts."""
 
-    name: str  # e.g. "rollout-0", "learner-1", "reward", "reference"
+    name: str  # e.g. "rollout-0", "policy-learner-1", "critic-learner-0", "reward", "reference"
     kind: str  # "rollout", "learner", "reward" or "reference"
     resources: dict[str, float]
 
@@ -68,12 +68,14 @@ def _request(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, fl
 
 
 def resource_requests(cfg: RunConfig) -> list[ResourceRequest]:
-    """One request per actor of the run: rollout actors, learner ranks, the reward and the reference actor."""
+    """One request per actor of the run: rollout actors, policy (and PPO critic) learner ranks, the reward and
+    the reference actor; names as the run gives them."""
     ro, le, rw = cfg.rollout, cfg.learner, cfg.reward
     rollout = _request(ro.num_cpus_per_actor, ro.num_gpus_per_actor * ro.tensor_parallel_size, ro.resources)
     learner = _request(le.num_cpus_per_rank, le.num_gpus_per_rank, le.resources)
     reqs = [ResourceRequest(f"rollout-{i}", "rollout", dict(rollout)) for i in range(ro.num_actors)]
-    reqs += [ResourceRequest(f"learner-{i}", "learner", dict(learner)) for i in range(le.num_ranks)]
+    roles = ("policy", "critic") if cfg.algorithm.uses_critic else ("policy",)
+    reqs += [ResourceRequest(f"{role}-learner-{i}", "learner", dict(learner)) for role in roles for i in range(le.num_ranks)]
 
     reward_custom: dict[str, float] = {}
     if rw.num_gpus > 0 and le.num_gpus_per_rank > 0:

@@ -38,16 +38,17 @@ GPU_NODES = [node("10.0.0.1", CPU=0), node("10.0.1.1", CPU=48, GPU=4, learner=4)
 ]
 
 
-def test_cpu_defaults_fit_four_cpus():
-    cfg = load_config()
-    plan = make_plan(cfg, {"CPU": 4.0})
+def test_cpu_defaults_fit_five_cpus():
+    cfg = load_config()  # PPO: a critic learner group beside the policy's
+    plan = make_plan(cfg, {"CPU": 5.0})
     assert [(r.name, r.resources) for r in plan.requests] == [
         ("rollout-0", {"CPU": 1.0}),
-        ("learner-0", {"CPU": 1.0}),
+        ("policy-learner-0", {"CPU": 1.0}),
+        ("critic-learner-0", {"CPU": 1.0}),
         ("reward", {"CPU": 1.0}),
         ("reference", {"CPU": 0.5}),
     ]
-    assert plan.needed == {"CPU": 3.5}
+    assert plan.needed == {"CPU": 4.5}
     assert plan.transport == "gloo"
     text = plan.render()
     assert "auto -> gloo" in text and "rollout-0" in text and "reference" in text
@@ -57,12 +58,12 @@ def test_gpu_recipe_places_each_actor_in_its_pool():
     plan = make_plan(load_config(PPO), totals(GPU_NODES), GPU_NODES)
     by_name = {r.name: r.resources for r in plan.requests}
     assert by_name["rollout-3"] == {"CPU": 4.0, "GPU": 1.0, "rollout": 1.0}
-    assert by_name["learner-1"] == {"CPU": 8.0, "GPU": 1.0, "learner": 1.0}
+    assert by_name["policy-learner-0"] == by_name["critic-learner-0"] == {"CPU": 8.0, "GPU": 1.0, "learner": 1.0}
     assert by_name["reward"] == {"CPU": 4.0, "GPU": 1.0, "learner": 1.0}  # reward model on GPU: learner pool
-    assert by_name["reference"] == by_name["learner-0"]  # one learner-sized slot
+    assert by_name["reference"] == by_name["policy-learner-0"]  # one learner-sized slot
     assert plan.needed["GPU"] == 8 and plan.needed["learner"] == 4 and plan.needed["rollout"] == 4
     assert plan.hosts["rollout-0"] == [f"10.0.2.{i}" for i in range(4)]
-    assert plan.hosts["learner-0"] == plan.hosts["reference"] == ["10.0.1.1"]
+    assert plan.hosts["policy-learner-0"] == plan.hosts["critic-learner-0"] == plan.hosts["reference"] == ["10.0.1.1"]
     text = plan.render()
     assert "rollout-0 … rollout-3 (4×)" in text and "nodes offering rollout" in text
     assert "nccl (GPU to GPU)" in text
@@ -99,7 +100,7 @@ def test_too_few_gpus_is_named_with_counts_and_fix():
 
 
 def test_too_few_cpus_names_the_local_head_fix():
-    with pytest.raises(PlanError, match=r"CPU: need 3.5 .*the cluster has 2;.*cluster.num_cpus"):
+    with pytest.raises(PlanError, match=r"CPU: need 4.5 .*the cluster has 2;.*cluster.num_cpus"):
         make_plan(load_config(), {"CPU": 2.0})
 
 
@@ -214,7 +215,7 @@ def _plan_cli(*overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_plan_main_starts_its_own_local_head():
-    proc = _plan_cli("cluster.num_cpus=4")
+    proc = _plan_cli("cluster.num_cpus=5")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "placement" in proc.stdout and "auto -> gloo" in proc.stdout
     assert "optimizer steps per RL step" in proc.stdout
@@ -223,11 +224,11 @@ def test_plan_main_starts_its_own_local_head():
 def test_plan_main_on_2_cpus_refuses_the_default_config():
     proc = _plan_cli("cluster.num_cpus=2")
     assert proc.returncode == 1
-    assert "CPU: need 3.5 (rollout 1, learner 1, reward 1, reference 0.5), the cluster has 2" in proc.stderr
+    assert "CPU: need 4.5 (rollout 1, learner 2×1, reward 1, reference 0.5), the cluster has 2" in proc.stderr
 
 
 def test_plan_main_on_2_cpus_accepts_a_config_that_fits():
-    proc = _plan_cli("cluster.num_cpus=2", "rollout.num_cpus_per_actor=0.5", "learner.num_cpus_per_rank=0.5",
+    proc = _plan_cli("cluster.num_cpus=2", "rollout.num_cpus_per_actor=0.5", "learner.num_cpus_per_rank=0.25",
                      "reward.num_cpus=0.5")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "{CPU: 2}" in proc.stdout and "on 1 alive node(s)" in proc.stdout
