@@ -102,9 +102,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
                 values = c.critic.compute_values(batch) if algo.uses_critic else None
 
             # 3. advantages and KL, then the update
-            scores = c.reward_normalizer(rewards["scores"])
-            exp, step_metrics = make_experience(batch, scores, old_logp, ref_logp, values, algo, kl_ctl.value, n)
-            exp["advantages"] = exp["advantages"] * rewards["valid"].unsqueeze(-1)
+            scores = c.reward_normalizer(rewards["scores"], rewards["valid"])
+            exp, step_metrics = make_experience(
+                batch, scores, old_logp, ref_logp, values, algo, kl_ctl.value, n, valid=rewards["valid"]
+            )
             if algo.tis_cap is not None:
                 exp["rollout_logprobs"] = batch["rollout_logprobs"]
             if cfg.train.async_mode and step + 1 < cfg.train.steps:

@@ -28,18 +28,24 @@ def make_experience(
     algo: AlgorithmConfig,
     kl_coef: float,
     group_size: int,
+    valid: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Add advantages (and returns, for PPO) to a collated batch.
 
     batch: `protocol.collate` output; its response_mask [N, R] marks response tokens.
-    scores: [N] combined reward per sequence (masked rows already 0 with `valid` handled by caller).
+    scores: [N] combined reward per sequence.
     old_logprobs, ref_logprobs: [N, R] learner and reference log-probs of the sampled tokens, nats.
     values: [N, R] critic values (PPO only), else None.
     kl_coef: current KL coefficient. group_size: samples per prompt (rows of a group are contiguous).
+    valid: [N] bool, False where the reward failed: such a row gets advantage 0, stays out of group
+    baselines and whitening statistics, and (PPO) gives the critic no target (returns = its values).
     Returns (experience, metrics): experience = batch + old_logprobs, ref_logprobs, advantages
     [N, R] (+ returns, old_values for PPO; + kl_coef for KL-in-loss); metrics in nats.
     """
     mask = batch["response_mask"]
+    if valid is None:
+        valid = torch.ones(mask.shape[0], dtype=torch.bool)
+    adv_mask = mask * valid.unsqueeze(-1).to(mask.dtype)  # response tokens of rows with a reward
     kl = kl_estimate(old_logprobs, ref_logprobs, algo.kl.estimator) * mask
     kl_per_seq = kl.sum(-1)
     in_reward = algo.kl.placement == "reward"
@@ -50,27 +56,28 @@ def make_experience(
         if values is None:
             raise ValueError("algorithm.name=ppo needs critic values")
         advantages, returns = gae_advantages(rewards, values, mask, algo.gamma, algo.lam)
+        returns = torch.where(valid.unsqueeze(-1), returns, values)
         exp.update(returns=returns, old_values=values)
         if algo.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, adv_mask)
     elif algo.name == "reinforce_pp":
-        advantages = reinforce_pp_advantages(rewards, mask, algo.gamma)
+        advantages = reinforce_pp_advantages(rewards, adv_mask, algo.gamma)
     else:
         # Group baselines work on sequence rewards; a KL in the reward enters as its per-sequence sum.
         seq_rewards = rewards.sum(-1)
         if algo.name == "grpo":
-            seq_adv = grpo_advantages(seq_rewards, group_size, algo.grpo_normalize_std)
+            seq_adv = grpo_advantages(seq_rewards, group_size, algo.grpo_normalize_std, valid=valid)
         else:
-            seq_adv = rloo_advantages(seq_rewards, group_size)
+            seq_adv = rloo_advantages(seq_rewards, group_size, valid=valid)
         advantages = broadcast_sequence_advantage(seq_adv, mask)
-    exp["advantages"] = advantages * mask
+    exp["advantages"] = advantages * adv_mask
     exp["kl_coef"] = torch.tensor(0.0 if in_reward else kl_coef)
 
     metrics = {
         "kl/mean": float(kl_per_seq.mean()),
         "kl/per_token": float(masked_mean(kl, mask)),
         "kl/coef": float(kl_coef),
-        "train/advantage_mean": float(masked_mean(advantages, mask)),
+        "train/advantage_mean": float(masked_mean(advantages, adv_mask)) if adv_mask.any() else 0.0,
     }
     if values is not None:
         metrics["train/value_mean"] = float(masked_mean(values, mask))

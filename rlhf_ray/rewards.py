@@ -125,11 +125,15 @@ class RewardNormalizer:
         self.enabled, self.eps = enabled, eps
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
 
-    def __call__(self, scores: "torch.Tensor") -> "torch.Tensor":
-        """scores: [N] rewards; returns [N], normalised with statistics that include this batch."""
+    def __call__(self, scores: "torch.Tensor", valid: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """scores: [N] rewards; returns [N], normalised with statistics that include this batch.
+
+        valid: [N] bool; rows marked False (failed rewards) do not enter the statistics.
+        """
         if not self.enabled:
             return scores
-        for x in scores.double().tolist():
+        kept = scores if valid is None else scores[valid]
+        for x in kept.double().tolist():
             self.count += 1
             delta = x - self.mean
             self.mean += delta / self.count

@@ -252,6 +252,33 @@ def test_rloo_matches_leave_one_out_loop():
     assert_close(rloo_advantages(t(scores), n), expected)
 
 
+def test_grpo_and_rloo_leave_masked_rows_out_of_the_baseline():
+    """Rows whose reward failed get 0 and are not part of their group's mean, std or leave-one-out mean."""
+    scores = [1.0, 0.0, 2.0, 5.0, 4.0, -1.0, 3.0, 0.0, 7.0, 7.0, 2.0, 9.0]
+    valid = [True, False, True, True, True, True, True, False, False, False, True, False]
+    n, eps = 4, 1e-6
+    grpo, rloo = [], []
+    for g in range(0, len(scores), n):
+        kept = [s for s, ok in zip(scores[g:g + n], valid[g:g + n]) if ok]
+        for s, ok in zip(scores[g:g + n], valid[g:g + n]):
+            if not ok or len(kept) < 2:
+                grpo.append(0.0)
+                rloo.append(0.0)
+                continue
+            mean = sum(kept) / len(kept)
+            std = (sum((x - mean) ** 2 for x in kept) / (len(kept) - 1)) ** 0.5
+            grpo.append((s - mean) / (std + eps))
+            others = list(kept)
+            others.remove(s)
+            rloo.append(s - sum(others) / len(others))
+    mask = torch.tensor(valid)
+    assert_close(grpo_advantages(t(scores), n, eps=eps, valid=mask), grpo)
+    assert_close(rloo_advantages(t(scores), n, valid=mask), rloo)
+    everyone = torch.ones(len(scores), dtype=torch.bool)  # all valid: the unmasked functions
+    assert_close(grpo_advantages(t(scores), n, valid=everyone), grpo_advantages(t(scores), n).tolist())
+    assert_close(rloo_advantages(t(scores), n, valid=everyone), rloo_advantages(t(scores), n).tolist())
+
+
 def test_rloo_rejects_group_of_one():
     with pytest.raises(ValueError, match="group_size >= 2"):
         rloo_advantages(t([1.0, 2.0]), group_size=1)

@@ -47,3 +47,24 @@ def test_ppo_with_kl_in_reward_matches_hand_loop():
     assert torch.allclose(exp["advantages"][0], torch.tensor([2.05 - 0.5, 2.1 - 0.25, 0.0]), atol=1e-6)
     assert torch.allclose(exp["returns"][0], torch.tensor([2.05, 2.1, 0.0]), atol=1e-6)
     assert float(exp["kl_coef"]) == 0.0
+
+
+def test_rows_with_a_failed_reward_get_no_advantage_and_stay_out_of_the_baselines():
+    batch = _batch(n=4, r=5)
+    logp = torch.zeros(4, 5)
+    scores = torch.tensor([1.0, 0.0, 4.0, 2.0])
+    valid = torch.tensor([True, True, True, False])
+    grpo = AlgorithmConfig(name="grpo", grpo_normalize_std=False, kl=KLConfig(placement="loss"))
+    exp, metrics = make_experience(batch, scores, logp, logp, None, grpo, 0.0, group_size=4, valid=valid)
+    # the group mean is over the three valid rows: (1 + 0 + 4) / 3; the failed row gets 0
+    want = [1.0 - 5 / 3, 0.0 - 5 / 3, 4.0 - 5 / 3, 0.0]
+    for i in range(4):
+        m = batch["response_mask"][i].bool()
+        assert torch.allclose(exp["advantages"][i][m], torch.full((int(m.sum()),), want[i]), atol=1e-6)
+    ppo = AlgorithmConfig(name="ppo", gamma=1.0, lam=1.0, whiten_advantages=True, kl=KLConfig(estimator="k1"))
+    values = torch.full((4, 5), 0.5)
+    exp, _ = make_experience(batch, scores, logp, logp, values, ppo, 0.0, group_size=1, valid=valid)
+    assert torch.all(exp["advantages"][3] == 0) and torch.equal(exp["returns"][3], values[3])
+    m = batch["response_mask"] * valid.unsqueeze(-1)
+    kept = exp["advantages"][m.bool()]  # whitened over the valid rows' tokens only
+    assert abs(float(kept.mean())) < 1e-5 and abs(float(kept.std()) - 1.0) < 1e-4  # masked_whiten: unbiased variance

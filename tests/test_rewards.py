@@ -71,6 +71,16 @@ def test_normalizer_matches_batch_statistics():
     assert torch.equal(RewardNormalizer(False)(x), x)
 
 
+def test_normalizer_leaves_masked_rows_out_of_its_statistics():
+    x = torch.tensor([1.0, 2.0, 0.0, 3.0, 4.0])
+    valid = torch.tensor([True, True, False, True, True])
+    norm = RewardNormalizer(True)
+    out = norm(x, valid)
+    kept = x[valid]
+    assert norm.count == 4 and abs(norm.mean - 2.5) < 1e-12
+    assert torch.allclose(out[valid], (kept - kept.mean()) / kept.std(), atol=1e-5)
+
+
 def _rule_actor(*functions: tuple[str, float], clip: float | None = None) -> RewardActor:
     """A reward actor with rule functions only (no reward model, so no vLLM), called in-process."""
     cfg = RewardConfig(use_model=False, retries=0, clip=clip,

@@ -76,37 +76,57 @@ def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return scores.view(-1, group_size)
 
 
+def _valid_groups(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None) -> torch.Tensor:
+    """[B, n] float: 1 for rows that count toward their group's baseline, 0 for masked ones."""
+    if valid is None:
+        return torch.ones_like(scores).view(-1, group_size)
+    if valid.shape != scores.shape:
+        raise ValueError(f"valid must have the shape of scores {tuple(scores.shape)}, got {tuple(valid.shape)}")
+    return valid.to(scores.dtype).view(-1, group_size)
+
+
 @torch.no_grad()
 def grpo_advantages(
-    scores: torch.Tensor, group_size: int, normalize_std: bool = True, eps: float = 1e-6
+    scores: torch.Tensor, group_size: int, normalize_std: bool = True, eps: float = 1e-6,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Group-relative advantages (GRPO, Shao et al. 2024): score minus its group's mean.
 
     scores: [B*n] sequence scores; rows [i*n:(i+1)*n] are the n samples of prompt i.
     group_size: n. normalize_std: also divide by the group's (unbiased) std + eps.
-    Returns [B*n]. A group of size 1, or whose scores are all equal, gets advantage 0.
+    valid: [B*n] bool, False for rows whose reward failed: they get advantage 0 and are left out of
+    their group's mean and std. Returns [B*n]. A group with fewer than two valid rows, or whose
+    valid scores are all equal, gets advantage 0.
     """
     groups = _groups(scores, group_size)
     if group_size == 1:
         return torch.zeros_like(scores)
-    advantages = groups - groups.mean(dim=-1, keepdim=True)
+    v = _valid_groups(scores, group_size, valid)
+    count = v.sum(dim=-1, keepdim=True)
+    mean = (groups * v).sum(dim=-1, keepdim=True) / count.clamp(min=1)
+    advantages = (groups - mean) * v
     if normalize_std:
-        advantages = advantages / (groups.std(dim=-1, keepdim=True) + eps)
+        var = (advantages**2).sum(dim=-1, keepdim=True) / (count - 1).clamp(min=1)
+        advantages = advantages / (var.sqrt() + eps)
     return advantages.reshape(-1)
 
 
 @torch.no_grad()
-def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+def rloo_advantages(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """REINFORCE leave-one-out advantages (Ahmadian et al. 2024).
 
     scores: [B*n] sequence scores; rows [i*n:(i+1)*n] are the n samples of prompt i.
-    group_size: n >= 2. Returns [B*n]: each score minus the mean of the other n-1 in its group.
+    group_size: n >= 2. valid: [B*n] bool, False for rows whose reward failed (advantage 0, and
+    not part of any baseline). Returns [B*n]: each score minus the mean of the other valid rows of
+    its group; 0 where a row has no valid other.
     """
     if group_size < 2:
         raise ValueError(f"RLOO needs group_size >= 2 to leave one sample out, got {group_size}")
     groups = _groups(scores, group_size)
-    baseline = (groups.sum(dim=-1, keepdim=True) - groups) / (group_size - 1)
-    return (groups - baseline).reshape(-1)
+    v = _valid_groups(scores, group_size, valid)
+    others = v.sum(dim=-1, keepdim=True) - v
+    baseline = ((groups * v).sum(dim=-1, keepdim=True) - groups * v) / others.clamp(min=1)
+    return ((groups - baseline) * v * (others > 0)).reshape(-1)
 
 
 @torch.no_grad()
