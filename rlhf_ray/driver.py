@@ -16,7 +16,7 @@ import torch
 
 from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController, masked_mean
 from rlhf_ray.config import RunConfig
-from rlhf_ray.elastic import apply_scaling, failure_metrics, log_failures
+from rlhf_ray.elastic import apply_scaling, broadcast_replacing_dead, failure_metrics, log_failures
 from rlhf_ray.experience import make_experience
 from rlhf_ray.protocol import RolloutResult, collate
 from rlhf_ray.run import RunComponents, build_components, restore_checkpoint, save_checkpoint
@@ -117,8 +117,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
                 kl_ctl.update(step_metrics["kl/mean"], len(rollout.samples))
 
             # 4. fresh weights to every rollout actor, checked by checksum
-            with timer("sync"):
-                sync = c.broadcaster.broadcast()
+            with timer("sync"):  # an actor that dies here is replaced, like one that dies generating
+                sync, sync_failures = broadcast_replacing_dead(c, step)
+            rollout.failures += sync_failures
 
             # 5. logging and checkpoints
             step_metrics |= rollout_metrics(rollout, batch, old_logp) | failure_metrics(rollout) | pool_metrics

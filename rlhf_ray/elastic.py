@@ -1,4 +1,4 @@
-"""Live scaling of the rollout pool, and the record of rollout-actor failures.
+"""Live scaling of the rollout pool, replacement of actors lost during a broadcast, and the record of failures.
 
 `rlhf-ray scale RUN_DIR --rollout N` writes `RUN_DIR/control.json`; the driver calls
 `apply_scaling(c, step)` between steps, which grows the pool (new actors get the current weights
@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rlhf_ray.broadcast import BroadcastStats
 from rlhf_ray.config import ConfigError
-from rlhf_ray.protocol import RolloutResult
-from rlhf_ray.ray_utils import ActorCallError
+from rlhf_ray.protocol import ActorFailure, RolloutResult
+from rlhf_ray.ray_utils import ActorCallError, LearnerRankError
 
 if TYPE_CHECKING:
     from rlhf_ray.run import RunComponents
@@ -106,6 +107,44 @@ def apply_scaling(c: RunComponents, step: int) -> dict[str, float]:
         step, have, target, verb, ", ".join(names), c.pool.version, time.perf_counter() - start,
     )
     return {"rollout/num_actors": float(c.pool.num_actors)}
+
+
+def broadcast_replacing_dead(c: RunComponents, step: int) -> tuple[BroadcastStats, list[ActorFailure]]:
+    """`c.broadcaster.broadcast()`, surviving rollout actors that die during it.
+
+    The broadcaster drops a dead actor and reloads the survivors with the new weights and version;
+    here each dead actor is replaced (it joins at those weights, counted against
+    `rollout.max_replacements`) and the step goes on. Anything else — a learner rank, the resend
+    failing, replacements used up — raises. Returns the broadcast's stats (seconds include the
+    recovery) and one ActorFailure per replaced actor.
+    """
+    members = {m.name: m for m in c.pool.members}
+    version, start = c.pool.version + 1, time.perf_counter()
+    try:
+        return c.broadcaster.broadcast(), []
+    except LearnerRankError:
+        raise
+    except ActorCallError as err:
+        lost = [name for name in members if name not in c.pool.actor_names]
+        used, limit = c.pool.replacements, c.cfg.rollout.max_replacements
+        if not lost or not c.pool.actors or c.pool.version != version or used + len(lost) > limit:
+            raise
+        log.warning("step %d: weight broadcast lost %s (%s); replacing them", step, ", ".join(lost), err)
+    detected = time.perf_counter()
+    new = c.broadcaster.add_actors(len(lost))
+    c.pool.replacements += len(lost)
+    recovered = time.perf_counter() - detected
+    failures = [
+        ActorFailure(name, members[name].node_id, members[name].node_ip, step, 0, replaced_by, 0.0, recovered)
+        for name, replaced_by in zip(lost, new)
+    ]
+    for f in failures:
+        log.warning(
+            "step %d: %s (node %s) died during the weight broadcast; %s serves policy version %d %.1fs later "
+            "(%d of %d replacements used)", step, f.name, f.node_ip, f.replaced_by, version, recovered,
+            c.pool.replacements, c.cfg.rollout.max_replacements,
+        )
+    return BroadcastStats(version, c.broadcaster.total_bytes, time.perf_counter() - start), failures
 
 
 def failure_metrics(rollout: RolloutResult) -> dict[str, float]:

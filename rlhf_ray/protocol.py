@@ -39,12 +39,12 @@ class Sample:
 
 @dataclass
 class ActorFailure:
-    """A rollout actor that died during a generate call, and how the pool recovered."""
+    """A rollout actor that died during a generate call or a weight broadcast, and how the run recovered."""
 
     name: str
     node_id: str
     node_ip: str
-    step: int  # the rollout step (generate call) it died in
+    step: int  # the step it died in
     lost_samples: int  # samples it had been given; all were generated again by other actors
     replaced_by: str  # name of the actor started in its place
     regenerated_s: float  # from noticing the death until its samples were generated again

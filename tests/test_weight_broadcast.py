@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import pytest
@@ -14,6 +15,7 @@ from actors.rollout_pool import RolloutPool
 from learners import LearnerGroup
 from rlhf_ray.broadcast import WeightBroadcaster
 from rlhf_ray.config import LearnerConfig, ModelConfig, RolloutConfig, SamplingConfig, WeightSyncConfig
+from rlhf_ray.elastic import broadcast_replacing_dead
 from rlhf_ray.protocol import collate
 from rlhf_ray.ray_utils import ActorCallError
 from rlhf_ray.weight_sync import layer_checksums
@@ -101,3 +103,23 @@ def test_dead_actor_is_named_and_survivors_stay_consistent(setup, request):
     # every survivor holds the learner's new weights, labelled with the new version
     assert pool.version == before + 1
     sync.verify(layer_checksums(policy.export_weights()))
+
+
+def test_actor_lost_during_a_run_broadcast_is_replaced_and_the_step_goes_on(setup, request):
+    policy, pool, sync = setup
+    if request.node.callspec.id != "zero2":
+        pytest.skip("the replacement path does not depend on the ZeRO stage; run once, under ZeRO-2")
+    if pool.num_actors < 2:
+        sync.add_actors(2 - pool.num_actors)
+    victim, before, used = pool.actor_names[0], pool.version, pool.replacements
+    ray.kill(pool.actors[0])
+    _train_step(policy, seed=7)
+    run = SimpleNamespace(pool=pool, broadcaster=sync, cfg=SimpleNamespace(rollout=RolloutConfig(max_replacements=5)))
+    stats, failures = broadcast_replacing_dead(run, step=4)
+    assert stats.version == pool.version == before + 1 and pool.num_actors == 2
+    assert [(f.name, f.step, f.lost_samples) for f in failures] == [(victim, 4, 0)]
+    assert failures[0].replaced_by in pool.actor_names and victim not in pool.actor_names
+    assert pool.replacements == used + 1
+    sync.verify(layer_checksums(policy.export_weights()))  # survivor and replacement: the new weights, new version
+    out = pool.generate(_prompts(4), n=1)
+    assert {s.policy_version for s in out.samples} == {pool.version}
