@@ -28,6 +28,18 @@ from rlhf_ray.weight_sync import SyncGroupSpec, TensorMeta, join_sync_group, pos
 
 log = logging.getLogger(__name__)
 
+
+class _PartialReloadFilter(logging.Filter):
+    """Drops vLLM's "weights were not loaded" warning: a bucket reloads only its own layers by design,
+    and the checksums after every broadcast prove that every layer arrived."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Following weights were not loaded")
+
+
+# Module level, so it is installed in every process that runs this module's worker functions.
+logging.getLogger("vllm.model_executor.model_loader.reload.inplace").addFilter(_PartialReloadFilter())
+
 Request = tuple[int, list[int]]  # (prompt_id, prompt token ids)
 
 
