@@ -60,18 +60,16 @@ def pretrain_batch(texts: list[str], tokenizer: Any, max_len: int) -> dict[str, 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-def warn_cut_responses(
-    rows: list[dict], tokenizer: Any, max_len: int, fields: tuple[str, ...], name: str, logger: Logger
-) -> None:
-    """Say (console and metric `<name>/cut_responses`) how many rows a too-small max_len will cut."""
+def warn_cut_responses(rows: list[dict], tokenizer: Any, max_len: int, fields: tuple[str, ...], name: str) -> dict[str, float]:
+    """Warn how many rows a too-small max_len will cut; returns {`<name>/cut_responses`: count} for the results."""
     cut = cut_responses(rows, tokenizer, max_len, fields)
-    logger({f"{name}/cut_responses": float(len(cut))}, 0)
     if cut:
         log.warning(
             "%s: %d of %d rows are longer than %s.max_len=%d and lose the end of their response (and its EOS), "
             "e.g. rows %s (fix: raise %s.max_len, or shorten those rows)",
             name, len(cut), len(rows), name, max_len, cut[:5], name,
         )
+    return {f"{name}/cut_responses": float(len(cut))}
 
 
 def run_lm_stage(
@@ -100,8 +98,8 @@ def run_pretrain(cfg: RunConfig, texts: list[str], tokenizer: Any, out_path: Pat
 
 def run_sft(cfg: RunConfig, rows: list[dict], tokenizer: Any, start_path: str, out_path: Path, logger: Logger) -> dict[str, float]:
     """Instruction finetuning on {prompt (formatted), response} rows; loss on response tokens + EOS."""
-    warn_cut_responses(rows, tokenizer, cfg.sft.max_len, ("response",), "sft", logger)
-    return run_lm_stage(
+    cut = warn_cut_responses(rows, tokenizer, cfg.sft.max_len, ("response",), "sft")
+    return cut | run_lm_stage(
         cfg, cfg.sft, start_path, out_path,
         lambda idx: tokenize_sft([rows[i] for i in idx], tokenizer, cfg.sft.max_len), len(rows), "sft", logger,
     )
@@ -125,7 +123,7 @@ def run_rm(
     """
     stage = cfg.rm
     _check_rows(stage, len(train_rows), "rm")
-    warn_cut_responses(train_rows + eval_rows, tokenizer, stage.max_len, ("chosen", "rejected"), "rm", logger)
+    cut = warn_cut_responses(train_rows + eval_rows, tokenizer, stage.max_len, ("chosen", "rejected"), "rm")
     steps = stage.epochs * (len(train_rows) // stage.batch_size)
     metrics: dict[str, float] = {}
     with LearnerGroup("reward", start_path, _stage_learner_cfg(cfg, stage), cfg.model, total_steps=steps) as group:
@@ -140,7 +138,7 @@ def run_rm(
                 metrics[f"eval/rm_accuracy_{name}"] = reward_accuracy(group, rows, tokenizer, stage.max_len)
                 logger({f"eval/rm_accuracy_{name}": metrics[f"eval/rm_accuracy_{name}"]}, steps)
         group.save(str(out_path))
-    return metrics
+    return cut | metrics
 
 
 # ---------------------------------------------------------------- `rlhf-ray sft` / `rlhf-ray rm`

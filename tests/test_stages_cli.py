@@ -43,7 +43,8 @@ def test_sft_cli_writes_config_metrics_and_a_loadable_checkpoint(tiny_model_dir:
     losses = [m["sft/sft_loss"] for m in _metrics(run)]
     assert len(losses) == 3 * (96 // 16)
     assert sum(losses[-3:]) < sum(losses[:3]), losses  # it learned from data.sft
-    assert json.loads((run / "results.json").read_text())["data/sft_rows"] == 96
+    results = json.loads((run / "results.json").read_text())
+    assert results["data/sft_rows"] == 96 and results["sft/cut_responses"] == 0  # max_len 48 cuts none
 
     tok = AutoTokenizer.from_pretrained(run / "checkpoint")
     model = AutoModelForCausalLM.from_pretrained(run / "checkpoint")
