@@ -19,11 +19,13 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rlhf_ray.algorithms import sft_loss
 from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from rlhf_ray.ray_utils import ActorCallError, LearnerRankError, get_with_timeout
 
 from .batching import check_batch, num_rows, pad_rows, rank_rows, select_rows, split_rows
 from .models import ROLES, Role
+from .objectives import sft_targets
 from .worker import LearnerWorker
 
 Batch = dict[str, Any]
@@ -191,6 +193,13 @@ class LearnerGroup:
         check_batch(batch, ("input_ids", "attention_mask"))
         return self._forward("forward_rewards", batch)
 
+    def sft_eval_loss(self, batch: Batch) -> float:
+        """Held-out SFT loss without a step: nats per token marked by loss_mask (input_ids, attention_mask, loss_mask [N, L])."""
+        self._require("policy", "sft_eval_loss")
+        check_batch(batch, ("input_ids", "attention_mask", "loss_mask"))
+        logp = self._forward("forward_target_logprobs", batch)
+        return float(sft_loss(logp, sft_targets(batch)))
+
     # ------------------------------------------------------------------ updates
 
     def ppo_update(self, experience: Batch, temperature: float = 1.0) -> dict[str, float]:
@@ -199,12 +208,23 @@ class LearnerGroup:
         experience: the collated batch + old_logprobs, advantages [N, R]; optionally ref_logprobs
         and kl_coef (a 0-d tensor; KL enters the loss when algo.kl.placement == "loss") and
         rollout_logprobs (truncated importance weight when algo.tis_cap is set). `temperature`
-        must be the one the old log-probs were computed at.
+        must be the one the old log-probs were computed at. Without old_logprobs the update must
+        be one optimizer step (ppo_epochs 1, minibatch_size N): its own log-probs, detached, are
+        the old ones, and with rollout_logprobs it also returns train/logprob_diff_mean (nats/token)
+        and train/logprob_diff_max (nats), |learner - vLLM| on the sampled tokens.
         Returns train/policy_loss, clipfrac, approx_kl (nats/token), entropy (nats/token),
         kl_loss (nats), grad_norm (before clipping), lr, skipped_steps.
         """
         self._require("policy", "ppo_update")
-        check_batch(experience, LAYOUT + ("old_logprobs", "advantages"))
+        check_batch(experience, LAYOUT + ("advantages",))
+        steps = self.cfg.ppo_epochs * num_rows(experience) // self.cfg.minibatch_size
+        if "old_logprobs" not in experience and steps != 1:
+            raise ValueError(
+                f"ppo_update without old_logprobs takes the policy's own log-probs as the old ones, which is exact "
+                f"only for one optimizer step, but learner.ppo_epochs={self.cfg.ppo_epochs} × {num_rows(experience)} "
+                f"rows / learner.minibatch_size={self.cfg.minibatch_size} = {steps} steps; pass old_logprobs "
+                "(LearnerGroup.compute_logprobs) or set algorithm.old_logprobs=recompute"
+            )
         return self._train("ppo_update", experience, temperature)
 
     def value_update(self, experience: Batch) -> dict[str, float]:

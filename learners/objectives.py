@@ -51,8 +51,11 @@ def tokens_or_rows(algo: AlgorithmConfig) -> Callable[[Batch], float]:
 def ppo_objective(model: torch.nn.Module, micro: Batch, algo: AlgorithmConfig, temperature: float) -> Result:
     """Clipped policy loss - entropy_coef * entropy (+ kl_coef * KL(pi || ref) when algo.kl.placement == "loss").
 
-    micro: response_mask, old_logprobs, advantages [n, R]; optionally ref_logprobs and kl_coef
-    (a 0-d tensor), rollout_logprobs (for the truncated importance weight when algo.tis_cap is set).
+    micro: response_mask, advantages [n, R]; old_logprobs [n, R], or none for a single on-policy
+    optimizer step, whose old log-probs are this forward's own, detached (the stats then also hold
+    logprob_diff_mean/_max, |learner - vLLM| over the sampled tokens, nats/token and nats);
+    optionally ref_logprobs and kl_coef (a 0-d tensor), rollout_logprobs (vLLM's, for the truncated
+    importance weight when algo.tis_cap is set).
     """
     mask = micro["response_mask"]
     logits = response_logits(model, micro)
@@ -60,11 +63,12 @@ def ppo_objective(model: torch.nn.Module, micro: Batch, algo: AlgorithmConfig, t
         logits = logits / temperature
     # Masking log-probs keeps padding finite in exp() of the ratio and the KL estimators.
     logp = logprobs_from_logits(logits, response_tokens(micro)) * mask
+    old_logp = micro["old_logprobs"] if "old_logprobs" in micro else logp.detach()
     is_weight = None
     if algo.tis_cap is not None and "rollout_logprobs" in micro:
-        is_weight = truncated_importance_weight(micro["old_logprobs"], micro["rollout_logprobs"], mask, algo.tis_cap)
+        is_weight = truncated_importance_weight(old_logp, micro["rollout_logprobs"], mask, algo.tis_cap)
     pg, pg_stats = policy_loss(
-        logp, micro["old_logprobs"], micro["advantages"], mask,
+        logp, old_logp, micro["advantages"], mask,
         algo.clip_low, algo.clip_high, algo.dual_clip, is_weight, algo.loss_agg,
     )
     with torch.set_grad_enabled(algo.entropy_coef > 0 and torch.is_grad_enabled()):
@@ -82,6 +86,11 @@ def ppo_objective(model: torch.nn.Module, micro: Batch, algo: AlgorithmConfig, t
         "clipfrac": pg_stats["clipfrac"],
         "approx_kl": pg_stats["approx_kl"],
     }
+    if "old_logprobs" not in micro and "rollout_logprobs" in micro:
+        gap = (old_logp - micro["rollout_logprobs"]).abs() * mask
+        per_token = "token_mean" if algo.loss_agg == "token_mean" else "seq_mean_token_mean"
+        stats["logprob_diff_mean"] = float(aggregate(gap, mask, per_token))
+        stats["logprob_diff_max"] = float(gap.max()) if gap.numel() else 0.0
     return loss, stats
 
 
@@ -102,14 +111,17 @@ def sft_targets(micro: Batch) -> torch.Tensor:
     return micro["loss_mask"][:, 1:].float()
 
 
-def sft_objective(model: torch.nn.Module, micro: Batch) -> Result:
-    """Mean negative log-likelihood of the tokens marked by loss_mask [n, L] (nats per token)."""
+def next_token_logprobs(model: torch.nn.Module, micro: Batch) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every position: [n, L-1] fp32 nats, 0 off loss_mask."""
     ids, attention_mask = micro["input_ids"], micro["attention_mask"]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
-    mask = sft_targets(micro)
-    logp = logprobs_from_logits(logits[:, :-1].float(), ids[:, 1:]) * mask
-    loss = sft_loss(logp, mask)
+    return logprobs_from_logits(logits[:, :-1].float(), ids[:, 1:]) * sft_targets(micro)
+
+
+def sft_objective(model: torch.nn.Module, micro: Batch) -> Result:
+    """Mean negative log-likelihood of the tokens marked by loss_mask [n, L] (nats per token)."""
+    loss = sft_loss(next_token_logprobs(model, micro), sft_targets(micro))
     return loss, {"sft_loss": float(loss.detach())}
 
 

@@ -38,6 +38,11 @@ Objective = Callable[[torch.nn.Module, dict[str, Any]], tuple[torch.Tensor, dict
 SizeFn = Callable[[dict[str, Any]], float]
 
 
+def is_max(stat: str) -> bool:
+    """Stats named *_max are maxima over micro-batches, ranks and minibatches; all others are averaged."""
+    return stat.endswith("_max")
+
+
 class StepLoop:
     """Runs optimizer steps of one DeepSpeed engine and keeps the step counters and lr schedule."""
 
@@ -62,9 +67,9 @@ class StepLoop:
         cfg = self.cfg
         return self.peak_lr * lr_multiplier(self.optimizer_steps, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio)
 
-    def _all_reduce(self, values: list[float]) -> list[float]:
+    def _all_reduce(self, values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
         return t.tolist()
 
     def run(
@@ -80,7 +85,7 @@ class StepLoop:
         Every rank must call this with the same number of rows. objective(model, micro) gives a
         micro-batch's (loss, stats); size(micro) the tokens or rows its loss averages over.
         `guarded` names the fields checked for NaN/inf before a minibatch is used.
-        Returns the stats averaged over applied steps, as `train/<name>`, plus train/grad_norm
+        Returns the stats averaged (`is_max`: maximised) over applied steps, as `train/<name>`, plus train/grad_norm
         (before clipping), train/lr (of the last applied step) and train/skipped_steps (a count).
         """
         totals: dict[str, float] = {}
@@ -96,9 +101,9 @@ class StepLoop:
             applied += 1
             grad_norm += stats.pop("grad_norm")
             for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v
+                totals[k] = max(totals.get(k, v), v) if is_max(k) else totals.get(k, 0.0) + v
         self.skipped_steps += skipped
-        metrics = {f"train/{k}": v / max(applied, 1) for k, v in totals.items()}
+        metrics = {f"train/{k}": v if is_max(k) else v / max(applied, 1) for k, v in totals.items()}
         metrics["train/grad_norm"] = grad_norm / applied if applied else float("nan")
         metrics["train/lr"] = self.last_lr
         metrics["train/skipped_steps"] = float(skipped)
@@ -130,13 +135,15 @@ class StepLoop:
             bad_loss += float(not torch.isfinite(loss.detach()))
             self.engine.backward(loss * (weight * self.world_size), scale_wrt_gas=False)
             for k, v in stats.items():
-                weighted[k] = weighted.get(k, 0.0) + v * weight
+                weighted[k] = max(weighted.get(k, v), v) if is_max(k) else weighted.get(k, 0.0) + v * weight
         return self._step(bad_loss + float(self._grad_nonfinite), weighted)
 
     def _step(self, local_bad: float, weighted: dict[str, float]) -> dict[str, float] | None:
         """All-reduce the guard flag and the stats, then step (or veto) on every rank."""
-        names = sorted(weighted)
+        names = sorted(k for k in weighted if not is_max(k))
+        maxima = sorted(k for k in weighted if is_max(k))
         reduced = self._all_reduce([local_bad] + [weighted[k] for k in names])
+        reduced_max = self._all_reduce([weighted[k] for k in maxima], dist.ReduceOp.MAX) if maxima else []
         stage0_norm = self._stage0_grad_norm()
         veto = reduced[0] > 0 or (stage0_norm is not None and not math.isfinite(stage0_norm))
         lr = self.lr
@@ -154,7 +161,7 @@ class StepLoop:
             return None
         self.optimizer_steps += 1
         self.last_lr = lr
-        return dict(zip(names, reduced[1:]), grad_norm=norm)
+        return dict(zip(names, reduced[1:]), **dict(zip(maxima, reduced_max)), grad_norm=norm)
 
     def _stage0_grad_norm(self) -> float | None:
         """Global gradient norm without ZeRO in fp32, where DeepSpeed clips but does not report it.

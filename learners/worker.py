@@ -30,6 +30,7 @@ from . import checkpoint
 from .batching import PER_TOKEN, micro_batches
 from .models import Role, load_model, sequence_scores, token_values, unwrap
 from .objectives import (
+    next_token_logprobs,
     ppo_objective,
     rm_objective,
     sft_objective,
@@ -118,6 +119,10 @@ class LearnerWorker:
     def forward_logprobs(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
         """log softmax(logits / temperature) at the response tokens: [n, R] fp32 nats, 0 on padding."""
         return self._forward(batch, lambda model, m: response_logprobs(model, m, temperature))
+
+    def forward_target_logprobs(self, batch: Batch) -> torch.Tensor:
+        """log-probs of the tokens marked by loss_mask (input_ids, attention_mask, loss_mask [n, L]): [n, L-1] fp32 nats."""
+        return self._forward(batch, next_token_logprobs)
 
     def forward_values(self, batch: Batch) -> torch.Tensor:
         """Critic values of the response tokens: [n, R] fp32, 0 on padding."""

@@ -125,6 +125,12 @@ class AlgorithmConfig(Section):
     logprob_mismatch_warn: float = Field(
         0.05, gt=0, description="Warn when |vLLM - learner| log-prob mean exceeds this (nats/token)."
     )
+    old_logprobs: Literal["auto", "recompute"] = Field(
+        "auto",
+        description="auto: when a step's update is one optimizer step over a synchronous batch with the KL in the "
+        "loss, the update's own log-probs (detached) are the old ones and the separate learner forward is skipped; "
+        "recompute: always run that forward.",
+    )
     kl: KLConfig = Field(default_factory=KLConfig)
 
     @property
@@ -203,7 +209,7 @@ class SupervisedConfig(Section):
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, ge=1, description="Sequences (or pairs) per optimizer step, all ranks together.")
     max_len: int = Field(256, gt=0, description="Tokens per training sequence; longer rows are an error.")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Rows held out for evaluation.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Rows held out for evaluation by `rlhf-ray sft` (eval/sft_loss) and `rlhf-ray rm` (eval/rm_accuracy); the demo holds out its own.")
 
 
 class TrackingConfig(Section):
@@ -254,6 +260,24 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @property
+    def skips_old_logprobs(self) -> bool:
+        """Whether the driver skips the learner's old-log-prob forward (see `algorithm.old_logprobs`).
+
+        Exact when the policy takes one optimizer step on the batch: before that step the policy is
+        the one the update starts from, so the update's own log-probs, detached, are the old ones.
+        The KL metrics then use vLLM's log-probs of the same policy, which the learner matches (the
+        per-step rollout/logprob_diff_* metrics, measured inside the update, show by how much).
+        """
+        samples = self.train.prompts_per_step * self.rollout.sampling.n
+        return (
+            self.algorithm.old_logprobs == "auto"
+            and self.learner.ppo_epochs == 1
+            and self.learner.minibatch_size == samples
+            and self.algorithm.kl.placement == "loss"
+            and not self.train.async_mode
+        )
 
     @model_validator(mode="after")
     def _cross_field(self) -> "RunConfig":

@@ -46,18 +46,31 @@ def kl_controller(cfg: RunConfig) -> FixedKLController | AdaptiveKLController:
     return AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive else FixedKLController(kl.coef)
 
 
-def rollout_metrics(rollout: RolloutResult, batch: dict[str, torch.Tensor], learner_logp: torch.Tensor) -> dict[str, float]:
-    """Generation figures and the vLLM-vs-learner log-prob gap on the same tokens (nats per token)."""
+def rollout_metrics(rollout: RolloutResult, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Generation figures of the step's samples."""
     mask = batch["response_mask"]
-    gap = (batch["rollout_logprobs"] - learner_logp).abs() * mask
     return {
         "rollout/tokens_per_s": rollout.num_tokens / max(rollout.seconds, 1e-9),
         "rollout/response_len_mean": float(mask.sum(-1).mean()),
         "rollout/truncated_frac": sum(s.finish_reason == "length" for s in rollout.samples) / len(rollout.samples),
-        "rollout/logprob_diff_mean": float(masked_mean(gap, mask)),
-        "rollout/logprob_diff_max": float(gap.max()),
         "rollout/policy_version": float(min(s.policy_version for s in rollout.samples)),
     }
+
+
+def logprob_gap(
+    batch: dict[str, torch.Tensor], learner_logp: torch.Tensor | None, update_metrics: dict[str, float]
+) -> dict[str, float]:
+    """|vLLM - learner| log-prob of the sampled tokens: mean (nats per token) and max (nats).
+
+    From the learner's old log-probs [N, R]; when those were skipped (None), the update measured the
+    gap on its own forward and reported it as train/logprob_diff_*, moved here (NaN if it was skipped).
+    """
+    if learner_logp is None:
+        return {f"rollout/logprob_diff_{k}": update_metrics.pop(f"train/logprob_diff_{k}", float("nan"))
+                for k in ("mean", "max")}  # fmt: skip
+    mask = batch["response_mask"]
+    gap = (batch["rollout_logprobs"] - learner_logp).abs() * mask
+    return {"rollout/logprob_diff_mean": float(masked_mean(gap, mask)), "rollout/logprob_diff_max": float(gap.max())}
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
@@ -65,7 +78,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
     c: RunComponents = build_components(cfg, run_dir)
     kl_ctl = kl_controller(cfg)
     guard = StepGuard.for_run(cfg, c.checkpoints.root)
-    start = restore_checkpoint(c, kl_ctl) if resume else 0
+    start = restore_checkpoint(c, kl_ctl, guard) if resume else 0
     n = cfg.rollout.sampling.n
     algo = cfg.algorithm
     pending = None  # async mode: (rows, handle) of the batch being generated during an update
@@ -97,16 +110,19 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
                 rewards = guard_rewards(rewards, len(rollout.samples))  # NaN/inf/huge scores are masked
             with timer("reference"):
                 ref_logp = c.reference.compute_logprobs(batch)
-            with timer("logprobs"):
-                old_logp = c.policy.compute_logprobs(batch)
+            with timer("logprobs"):  # one on-policy optimizer step needs no old log-probs (cfg.skips_old_logprobs)
+                old_logp = None if cfg.skips_old_logprobs else c.policy.compute_logprobs(batch)
                 values = c.critic.compute_values(batch) if algo.uses_critic else None
 
             # 3. advantages and KL, then the update
             scores = c.reward_normalizer(rewards["scores"], rewards["valid"])
+            policy_logp = batch["rollout_logprobs"] if old_logp is None else old_logp  # the KL to the reference
             exp, step_metrics = make_experience(
-                batch, scores, old_logp, ref_logp, values, algo, kl_ctl.value, n, valid=rewards["valid"]
+                batch, scores, policy_logp, ref_logp, values, algo, kl_ctl.value, n, valid=rewards["valid"]
             )
-            if algo.tis_cap is not None:
+            if old_logp is None:
+                del exp["old_logprobs"]  # the update uses its own, detached
+            if algo.tis_cap is not None or old_logp is None:
                 exp["rollout_logprobs"] = batch["rollout_logprobs"]
             if cfg.train.async_mode and step + 1 < cfg.train.steps:
                 next_rows, next_ids = c.prompts.next_batch()
@@ -122,7 +138,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
             rollout.failures += sync_failures
 
             # 5. logging and checkpoints
-            step_metrics |= rollout_metrics(rollout, batch, old_logp) | failure_metrics(rollout) | pool_metrics
+            step_metrics |= rollout_metrics(rollout, batch) | logprob_gap(batch, old_logp, step_metrics)
+            step_metrics |= failure_metrics(rollout) | pool_metrics
             step_metrics |= {
                 "reward/mean": float(rewards["scores"].mean()),
                 "reward/std": float(rewards["scores"].std()),
@@ -144,7 +161,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
             log_failures(c.tracker, step, rollout)
             print(c.tracker.console_line(step, cfg.train.steps, step_metrics), flush=True)
             if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps:
-                save_checkpoint(c, step + 1, kl_ctl, pending_batches=int(pending is not None))
+                save_checkpoint(c, step + 1, kl_ctl, guard, pending_batches=int(pending is not None))
             metrics = step_metrics
     finally:
         c.close()

@@ -159,6 +159,8 @@ class Plan:
             f" × {b.grad_accum_steps} gradient-accumulation steps",
             f"  optimizer steps per RL step = ppo_epochs × samples/minibatch = {cfg.learner.ppo_epochs}"
             f" × {b.samples_per_step}/{b.minibatch_size} = {b.optimizer_steps_per_rl_step}",
+            "  old log-probs: " + ("the update's own (one on-policy optimizer step; no separate learner forward)"
+                                   if cfg.skips_old_logprobs else "a learner forward before the update"),
         ]
         if self.warnings:
             lines += ["", "warnings"] + [f"  ! {w}" for w in self.warnings]

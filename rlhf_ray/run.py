@@ -29,6 +29,7 @@ from rlhf_ray.plan import resource_requests, weight_sync_backend
 from rlhf_ray.preflight import check_cluster, preflight
 from rlhf_ray.ray_utils import get_with_timeout, init_ray
 from rlhf_ray.rewards import RewardNormalizer
+from rlhf_ray.step_guard import StepGuard
 from rlhf_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,10 @@ def write_placement(path: Path, pool: RolloutPool, groups: list[LearnerGroup]) -
     log.info("placement: %s", ", ".join(f"{k} on {v['node_ip']}" for k, v in placement.items()))
 
 
-def save_checkpoint(c: RunComponents, step: int, kl_ctl: FixedKLController | AdaptiveKLController, pending_batches: int = 0) -> None:
+def save_checkpoint(
+    c: RunComponents, step: int, kl_ctl: FixedKLController | AdaptiveKLController, guard: StepGuard,
+    pending_batches: int = 0,
+) -> None:
     """Atomically write the run's state after `step` completed RL steps.
 
     pending_batches: prompt batches drawn ahead (async mode) that no update has used yet;
@@ -185,6 +189,7 @@ def save_checkpoint(c: RunComponents, step: int, kl_ctl: FixedKLController | Ada
             "sampler": sampler,
             "kl_controller": kl_ctl.state_dict(),
             "reward_normalizer": c.reward_normalizer.state_dict(),
+            "step_guard": guard.state_dict(),
             "rng": rng_meta,
         }
         save_state(tmp / "driver", tensors, meta)
@@ -198,7 +203,7 @@ def rewind_sampler(sampler: PromptSampler, batches: int) -> dict[str, int]:
     return dict(state, epoch=drawn // per_epoch, position=(drawn % per_epoch) * sampler.batch_size)
 
 
-def restore_checkpoint(c: RunComponents, kl_ctl: FixedKLController | AdaptiveKLController) -> int:
+def restore_checkpoint(c: RunComponents, kl_ctl: FixedKLController | AdaptiveKLController, guard: StepGuard) -> int:
     """Load the newest complete checkpoint of the run (if any); returns the step to continue from."""
     path = latest_complete(c.checkpoints.root)
     if path is None:
@@ -211,6 +216,7 @@ def restore_checkpoint(c: RunComponents, kl_ctl: FixedKLController | AdaptiveKLC
     c.prompts.sampler.load_state_dict(meta["sampler"])
     kl_ctl.load_state_dict(meta["kl_controller"])
     c.reward_normalizer.load_state_dict(meta["reward_normalizer"])
+    guard.load_state_dict(meta.get("step_guard", {"consecutive": 0, "applied": True}))  # absent before 2026-11-29
     restore_rng(tensors, meta["rng"])
     c.pool.step = int(meta["pool_step"])
     c.broadcaster.broadcast(version=int(meta["policy_version"]))

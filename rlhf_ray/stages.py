@@ -75,8 +75,13 @@ def warn_cut_responses(rows: list[dict], tokenizer: Any, max_len: int, fields: t
 def run_lm_stage(
     cfg: RunConfig, stage: SupervisedConfig, start_path: str, out_path: Path,
     make_batch: Callable[[list[int]], dict[str, torch.Tensor]], num_rows: int, name: str, logger: Logger,
+    eval_batches: list[dict[str, torch.Tensor]] = (),
 ) -> dict[str, float]:
-    """Train the policy with `sft_step` on batches from `make_batch(row indices)`; save an HF folder."""
+    """Train the policy with `sft_step` on batches from `make_batch(row indices)`; save an HF folder.
+
+    eval_batches: held-out batches; their loss (nats per predicted token, over all of them) is
+    returned and logged as eval/<name>_loss after training.
+    """
     _check_rows(stage, num_rows, name)
     steps = stage.epochs * (num_rows // stage.batch_size)
     metrics: dict[str, float] = {}
@@ -84,6 +89,11 @@ def run_lm_stage(
         for step, idx in enumerate(epoch_batches(num_rows, stage.batch_size, stage.epochs, cfg.train.seed)):
             metrics = group.sft_step(make_batch(idx))
             logger({f"{name}/{k.split('/')[-1]}": v for k, v in metrics.items()}, step)
+        if eval_batches:
+            tokens = [float(b["loss_mask"][:, 1:].sum()) for b in eval_batches]
+            losses = [group.sft_eval_loss(b) for b in eval_batches]
+            metrics[f"eval/{name}_loss"] = sum(l * t for l, t in zip(losses, tokens)) / sum(tokens)
+            logger({f"eval/{name}_loss": metrics[f"eval/{name}_loss"]}, steps)
         group.save(str(out_path))
     return metrics
 
@@ -96,12 +106,21 @@ def run_pretrain(cfg: RunConfig, texts: list[str], tokenizer: Any, out_path: Pat
     )
 
 
-def run_sft(cfg: RunConfig, rows: list[dict], tokenizer: Any, start_path: str, out_path: Path, logger: Logger) -> dict[str, float]:
-    """Instruction finetuning on {prompt (formatted), response} rows; loss on response tokens + EOS."""
-    cut = warn_cut_responses(rows, tokenizer, cfg.sft.max_len, ("response",), "sft")
+def run_sft(
+    cfg: RunConfig, rows: list[dict], tokenizer: Any, start_path: str, out_path: Path, logger: Logger,
+    eval_rows: list[dict] = (),
+) -> dict[str, float]:
+    """Instruction finetuning on {prompt (formatted), response} rows; loss on response tokens + EOS.
+
+    eval_rows: held-out rows, scored after training as eval/sft_loss (nats per response token).
+    """
+    max_len = cfg.sft.max_len
+    cut = warn_cut_responses(list(rows) + list(eval_rows), tokenizer, max_len, ("response",), "sft")
+    eval_batches = [tokenize_sft(eval_rows[i : i + cfg.sft.batch_size], tokenizer, max_len)
+                    for i in range(0, len(eval_rows), cfg.sft.batch_size)]
     return cut | run_lm_stage(
         cfg, cfg.sft, start_path, out_path,
-        lambda idx: tokenize_sft([rows[i] for i in idx], tokenizer, cfg.sft.max_len), len(rows), "sft", logger,
+        lambda idx: tokenize_sft([rows[i] for i in idx], tokenizer, max_len), len(rows), "sft", logger, eval_batches,
     )
 
 
@@ -149,7 +168,7 @@ def stage_main(cfg: RunConfig, kind: str, run_dir: Path) -> dict[str, float]:
 
     Starts from `model.policy_path` (for "rm", the scalar head is added on top of that LM) and writes
     under `run_dir`: config.yaml (resolved), metrics.jsonl (one line per optimizer step, plus
-    eval/rm_accuracy on the `rm.eval_fraction` held-out pairs), checkpoint/ (an HF model folder with
+    eval/sft_loss or eval/rm_accuracy on the `<stage>.eval_fraction` held-out rows), checkpoint/ (an HF model folder with
     its tokenizer, loadable by transformers and vLLM) and results.json (the final metrics).
     """
     from transformers import AutoTokenizer
@@ -173,10 +192,10 @@ def stage_main(cfg: RunConfig, kind: str, run_dir: Path) -> dict[str, float]:
     init_ray(cfg.cluster)
     out = run_dir / "checkpoint"
     with Tracker(cfg.tracking, run_dir, cfg.train.run_name or run_dir.name, cfg.model_dump(mode="json")) as tracker:
+        train_rows, eval_rows = split_holdout(ds.rows, stage.eval_fraction, cfg.train.seed)
         if kind == "sft":
-            metrics = run_sft(cfg, ds.rows, tokenizer, cfg.model.policy_path, out, tracker.log)
+            metrics = run_sft(cfg, train_rows, tokenizer, cfg.model.policy_path, out, tracker.log, eval_rows)
         else:
-            train_rows, eval_rows = split_holdout(ds.rows, stage.eval_fraction, cfg.train.seed)
             metrics = run_rm(cfg, train_rows, eval_rows, tokenizer, cfg.model.policy_path, out, tracker.log)
     metrics = {**metrics, f"data/{kind}_rows": float(len(ds)), f"data/{kind}_skipped_rows": float(sum(ds.skipped.values()))}
     (run_dir / "results.json").write_text(json.dumps(metrics, indent=2))

@@ -73,6 +73,13 @@ class StepGuard:
         updates = cfg.learner.ppo_epochs * (samples // cfg.learner.minibatch_size)
         return cls(cfg.learner.max_consecutive_skips, updates, checkpoint_root)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: the consecutive-skip count (and whether the last update applied)."""
+        return {"consecutive": self.consecutive, "applied": self.applied}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.consecutive, self.applied = int(state["consecutive"]), bool(state["applied"])
+
     @staticmethod
     def check_experience(exp: dict[str, Any]) -> str | None:
         """Describe the first experience field holding NaN/inf, or None when all are finite."""

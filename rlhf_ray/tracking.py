@@ -56,7 +56,17 @@ METRICS: dict[str, str] = {
     "learner.max_consecutive_skips (count).",
     "train/advantage_mean": "Mean advantage over response tokens, before whitening (reward units).",
     "train/value_mean": "Mean critic value over response tokens, PPO only (reward units).",
-    "train/loss": "Supervised stages (pretraining, SFT, reward model): training loss (nats/token or nats/pair).",
+    # pretrain, sft, rm: the supervised stages, one line per optimizer step
+    "pretrain/sft_loss": "Pretraining: next-token loss of the batch (nats/token).",
+    "sft/sft_loss": "SFT: loss on the batch's response tokens and their EOS (nats/token).",
+    "sft/grad_norm": "SFT gradient norm before clipping; also pretrain/grad_norm and rm/grad_norm (L2).",
+    "sft/lr": "SFT learning rate; also pretrain/lr and rm/lr (1).",
+    "sft/skipped_steps": "SFT optimizer steps skipped for a non-finite loss or gradient; also under pretrain/ and "
+    "rm/ (count).",
+    "rm/rm_loss": "Reward model: Bradley-Terry loss of the batch (nats/pair).",
+    "rm/rm_accuracy": "Reward model: fraction of the batch's pairs scored chosen > rejected (0-1).",
+    "rm/rm_margin": "Reward model: mean chosen minus rejected score (reward-model units).",
+    "rm/rm_chosen_mean": "Reward model: mean score of the chosen responses (reward-model units).",
     # kl: distance from the reference (SFT) policy
     "kl/mean": "KL to the reference policy summed over a response, mean over samples (nats/sequence).",
     "kl/per_token": "KL to the reference policy per response token (nats/token).",
@@ -64,8 +74,9 @@ METRICS: dict[str, str] = {
     # eval: held-out prompts or pairs, every train.eval_every steps
     "eval/reward_mean": "Mean reward on the evaluation prompts (reward units).",
     "eval/response_len_mean": "Mean response length on the evaluation prompts (tokens).",
-    "eval/loss": "Supervised stages: loss on the held-out rows (nats/token or nats/pair).",
-    "eval/accuracy": "Reward model: fraction of held-out pairs ranked chosen > rejected (0-1).",
+    "eval/sft_loss": "`rlhf-ray sft`: loss on the sft.eval_fraction held-out rows, after training (nats/token).",
+    "eval/rm_accuracy": "Reward model: fraction of held-out pairs scored chosen > rejected, after training (0-1).",
+    "eval/rm_accuracy_<kind>": "Demo reward model: eval/rm_accuracy on each kind of held-out pair (0-1).",
     # perf: throughput
     "perf/sync_gb_per_s": "Weight broadcast bandwidth, learner rank 0 to all rollout workers (GB/s).",
     "perf/samples_per_s": "Samples (prompt-response pairs) per second of the whole step (samples/s).",
@@ -80,7 +91,7 @@ METRICS: dict[str, str] = {
     "timing/step_s": "The whole step (s).",
 }
 
-NAMESPACES = ("rollout", "reward", "train", "kl", "eval", "perf", "timing")
+NAMESPACES = ("rollout", "reward", "train", "kl", "eval", "perf", "timing", "pretrain", "sft", "rm")
 
 # Shown on the console, in this order, when present: (metric, label, format).
 CONSOLE_FIELDS: tuple[tuple[str, str, str], ...] = (

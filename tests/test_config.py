@@ -54,6 +54,25 @@ def test_cross_field_batch_divisibility():
         load_config(None, ["train.prompts_per_step=12"])
 
 
+ONE_STEP = ["algorithm.name=grpo", "algorithm.kl.placement=loss", "rollout.sampling.n=4", "train.prompts_per_step=4",
+            "learner.minibatch_size=16", "learner.micro_batch_size=4", "learner.ppo_epochs=1"]
+
+
+@pytest.mark.parametrize(
+    "extra, skips",
+    [
+        ([], True),  # one optimizer step over a synchronous batch, KL in the loss
+        (["learner.ppo_epochs=2"], False),
+        (["learner.minibatch_size=8"], False),
+        (["algorithm.kl.placement=reward"], False),  # the advantages need the learner's own log-probs
+        (["train.async_mode=true"], False),  # samples from the previous policy
+        (["algorithm.old_logprobs=recompute"], False),
+    ],
+)
+def test_old_logprobs_are_skipped_only_for_one_on_policy_step(extra, skips):
+    assert load_config(None, ONE_STEP + extra).skips_old_logprobs is skips
+
+
 def test_group_algorithms_need_groups():
     with pytest.raises(ConfigError, match=r"algorithm.name=grpo needs rollout.sampling.n >= 2"):
         load_config(None, ["algorithm.name=grpo"])

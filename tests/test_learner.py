@@ -25,9 +25,9 @@ ALGO = AlgorithmConfig(kl={"placement": "loss", "estimator": "k3"}, entropy_coef
 
 
 def learner_cfg(ranks: int, zero_stage: int, **kw) -> LearnerConfig:
+    defaults = dict(micro_batch_size=2, minibatch_size=4, ppo_epochs=2, lr=1e-3, critic_lr=1e-3, warmup_steps=1)
     return LearnerConfig(
-        num_ranks=ranks, num_cpus_per_rank=0.5, zero_stage=zero_stage, micro_batch_size=2, minibatch_size=4,
-        ppo_epochs=2, lr=1e-3, critic_lr=1e-3, warmup_steps=1, call_timeout_s=300, **kw,
+        num_ranks=ranks, num_cpus_per_rank=0.5, zero_stage=zero_stage, call_timeout_s=300, **(defaults | kw)
     )
 
 
@@ -191,8 +191,8 @@ def test_mismatched_shapes_are_clear_errors(zero2, batch):
     expected = f"advantages has shape ({N}, {R - 1}) but response_mask has shape ({N}, {R})"
     with pytest.raises(ValueError, match=re.escape(expected)):
         zero2.ppo_update(exp)
-    with pytest.raises(ValueError, match=r"missing \['old_logprobs'\]"):
-        zero2.ppo_update({k: v for k, v in exp.items() if k != "old_logprobs"})
+    with pytest.raises(ValueError, match=r"missing \['advantages'\]"):
+        zero2.ppo_update({k: v for k, v in exp.items() if k != "advantages"})
     with pytest.raises(ValueError, match="attention_mask has shape"):
         zero2.compute_logprobs(dict(batch, attention_mask=batch["attention_mask"][:, 1:]))
     with pytest.raises(ValueError, match="needs a reward learner group"):
@@ -229,6 +229,28 @@ def test_save_load_round_trip_without_pickle(zero2, zero3, batch, tmp_path):
     assert max_diff(weights(zero3), weights(zero2)) < 1e-5
 
 
+def test_one_step_update_without_old_logprobs_equals_one_with_them(ray_cluster, tiny_model_dir, batch, single):
+    """One on-policy optimizer step taking its own log-probs as the old ones (2 ranks, ZeRO-2) == the same step
+    given old log-probs from compute_logprobs (1 rank): same weights and stats, TIS weights included; it also
+    measures |learner - vLLM| on the sampled tokens."""
+    one_step = dict(ppo_epochs=1, minibatch_size=N)
+    with start(tiny_model_dir, "policy", 1, 2, **one_step) as given, start(tiny_model_dir, "policy", 2, 2, **one_step) as own:
+        old = given.compute_logprobs(batch)
+        exp = make_experience(batch, old)
+        without_old = {k: v for k, v in exp.items() if k != "old_logprobs"}
+        m_given, m_own = given.ppo_update(exp), own.ppo_update(without_old)
+        assert max_diff(weights(own), weights(given)) < 1e-5
+    for key in ("train/policy_loss", "train/entropy", "train/kl_loss", "train/clipfrac", "train/grad_norm"):
+        assert m_own[key] == pytest.approx(m_given[key], rel=1e-4, abs=1e-6), key
+    mask = batch["response_mask"]
+    gap = (old - exp["rollout_logprobs"]).abs() * mask
+    assert m_own["train/logprob_diff_mean"] == pytest.approx(float(gap.sum() / mask.sum()), abs=1e-6)
+    assert m_own["train/logprob_diff_max"] == pytest.approx(float(gap.max()), abs=1e-6)  # a max over both ranks
+    assert "train/logprob_diff_mean" not in m_given
+    with pytest.raises(ValueError, match="exact only for one optimizer step.*= 4 steps"):
+        single.ppo_update(without_old)  # 2 epochs x 2 minibatches
+
+
 # ---------------------------------------------------------------------------- SFT, reward model, critic
 
 
@@ -242,6 +264,27 @@ def test_sft_steps_lower_the_loss(single, vocab):
     sft = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
     losses = [single.sft_step(sft)["train/sft_loss"] for _ in range(20)]
     assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_sft_eval_loss_matches_a_plain_loop(zero2, tiny_model_dir, vocab):
+    """Held-out SFT loss on 2 ranks (5 rows, so one rank gets a padding row) == token-by-token NLL in transformers."""
+    g = torch.Generator().manual_seed(4)
+    input_ids = torch.randint(3, vocab, (5, 10), generator=g)
+    lengths, prompts = [10, 7, 9, 4, 10], [3, 2, 5, 1, 6]
+    attention_mask = torch.tensor([[int(t < n) for t in range(10)] for n in lengths])
+    loss_mask = torch.tensor([[int(p <= t < n) for t in range(10)] for n, p in zip(lengths, prompts)])
+    got = zero2.sft_eval_loss({"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask})
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir / "policy", dtype=torch.float32).eval()
+    model.load_state_dict(weights(zero2))
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for row, n, p in zip(input_ids, lengths, prompts):
+            for t in range(max(p, 1), n):  # predict token t from tokens [0, t)
+                logits = model(input_ids=row[None, :t]).logits[0, -1]
+                nll -= float(torch.log_softmax(logits, -1)[row[t]])
+                count += 1
+    assert got == pytest.approx(nll / count, abs=1e-5)
 
 
 @pytest.fixture(scope="module")

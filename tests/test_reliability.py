@@ -116,6 +116,17 @@ def stop_after_skips(tmp: Path) -> str:
     return message
 
 
+def test_the_consecutive_skip_count_survives_a_resume():
+    """A run stopped after one skipped update and resumed stops at the limit, not max_consecutive_skips later."""
+    guard = StepGuard(max_consecutive_skips=2, updates_per_step=1)
+    guard.record(3, "advantages: 1 NaN")
+    resumed = StepGuard(max_consecutive_skips=2, updates_per_step=1)
+    resumed.load_state_dict(json.loads(json.dumps(guard.state_dict())))  # as save_state writes it
+    assert (resumed.consecutive, resumed.applied) == (1, False)
+    with pytest.raises(TooManySkippedSteps, match="2 RL steps in a row"):
+        resumed.record(4, "advantages: 1 NaN")
+
+
 def output_under_a_file(tmp: Path) -> str:
     (tmp / "file").write_text("")
     return error_of(lambda: check_output_dir(tmp / "file" / "run"))

@@ -50,6 +50,7 @@ def test_nan_rewards_are_masked_and_no_secret_leaves_the_process(
         assert r["reward/masked_rows"] == 4
         assert r["train/skipped_steps"] == 0 and r["train/consecutive_skips"] == 0
         assert all(math.isfinite(v) for k, v in r.items() if k.startswith(("train/", "kl/")))
+        assert r["rollout/logprob_diff_max"] < 1e-3  # measured inside the one on-policy update step
     latest = latest_complete(run_dir / "checkpoints")
     assert latest is not None and latest.name == "step_000002"
     shards = sorted((latest / "policy").rglob("*.safetensors"))

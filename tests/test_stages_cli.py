@@ -40,11 +40,14 @@ def test_sft_cli_writes_config_metrics_and_a_loadable_checkpoint(tiny_model_dir:
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "sft"
     assert "policy_path" in (run / "config.yaml").read_text()
-    losses = [m["sft/sft_loss"] for m in _metrics(run)]
-    assert len(losses) == 3 * (96 // 16)
+    losses = [m["sft/sft_loss"] for m in _metrics(run) if "sft/sft_loss" in m]
+    assert len(losses) == 3 * ((96 - 9) // 16)  # sft.eval_fraction 0.1 holds out 9 rows
     assert sum(losses[-3:]) < sum(losses[:3]), losses  # it learned from data.sft
     results = json.loads((run / "results.json").read_text())
     assert results["data/sft_rows"] == 96 and results["sft/cut_responses"] == 0  # max_len 48 cuts none
+    assert results["eval/sft_loss"] < losses[0], (results["eval/sft_loss"], losses[0])  # held-out rows learned too
+    last = _metrics(run)[-1]
+    assert (last["step"], last["eval/sft_loss"]) == (len(losses), results["eval/sft_loss"])
 
     tok = AutoTokenizer.from_pretrained(run / "checkpoint")
     model = AutoModelForCausalLM.from_pretrained(run / "checkpoint")

@@ -111,8 +111,11 @@ def training_figures(
     machine falls on both sides of each ratio rather than on one run; steps of all rounds are pooled.
     """
     e2e = dict(prompts_per_step=w.train_prompts, response_len=w.response_len, rollout_actors=2, learner_threads=2)
+    # Async mode always recomputes the old log-probs (samples from the previous policy); so does sync here,
+    # so that the async figure measures the overlap alone.
     balanced = dict(
-        prompts_per_step=w.async_prompts, response_len=w.async_response_len, rollout_actors=1, learner_threads=1
+        prompts_per_step=w.async_prompts, response_len=w.async_response_len, rollout_actors=1, learner_threads=1,
+        old_logprobs="recompute",
     )
     runs_of: dict[str, list[dict[str, float]]] = {"e2e": [], "trl": [], "sync": [], "async": []}
     trl_error: trl_baseline.TRLUnavailable | None = None

@@ -128,6 +128,7 @@ def grpo_config(
     rollout_actors: int,
     learner_threads: int,
     async_mode: bool,
+    old_logprobs: str = "auto",
 ) -> RunConfig:
     """A GRPO run with the rule reward: one optimizer step per RL step over all of its samples.
 
@@ -144,7 +145,9 @@ def grpo_config(
             num_ranks=1, num_cpus_per_rank=learner_threads, lr=LEARNING_RATE, betas=BETAS, grad_clip=1.0,
             micro_batch_size=samples, minibatch_size=samples, ppo_epochs=1,
         ),  # fmt: skip
-        algorithm=AlgorithmConfig(name="grpo", kl=KLConfig(estimator="k3", placement="loss", coef=KL_COEF)),
+        algorithm=AlgorithmConfig(
+            name="grpo", kl=KLConfig(estimator="k3", placement="loss", coef=KL_COEF), old_logprobs=old_logprobs
+        ),
         reward=RewardConfig(use_model=False, functions=[RewardFunctionConfig(path=REWARD_PATH)], num_cpus=0.25),
         data=DataConfig(prompts=DatasetConfig(path=str(prompts_file), template="plain")),
         train=TrainConfig(
