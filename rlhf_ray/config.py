@@ -128,7 +128,8 @@ class AlgorithmConfig(Section):
     old_logprobs: Literal["auto", "recompute"] = Field(
         "auto",
         description="auto: when a step's update is one optimizer step over a synchronous batch with the KL in the "
-        "loss, the update's own log-probs (detached) are the old ones and the separate learner forward is skipped; "
+        "loss and untruncated sampling (top_p 1, no top_k), the update's own log-probs (detached) are the old ones "
+        "and the separate learner forward is skipped; "
         "recompute: always run that forward.",
     )
     kl: KLConfig = Field(default_factory=KLConfig)
@@ -268,11 +269,15 @@ class RunConfig(Section):
         Exact when the policy takes one optimizer step on the batch: before that step the policy is
         the one the update starts from, so the update's own log-probs, detached, are the old ones.
         The KL metrics then use vLLM's log-probs of the same policy, which the learner matches (the
-        per-step rollout/logprob_diff_* metrics, measured inside the update, show by how much).
+        per-step rollout/logprob_diff_* metrics, measured inside the update, show by how much) as
+        long as sampling does not truncate the vocabulary (top_p 1, no top_k).
         """
-        samples = self.train.prompts_per_step * self.rollout.sampling.n
+        sampling = self.rollout.sampling
+        samples = self.train.prompts_per_step * sampling.n
         return (
             self.algorithm.old_logprobs == "auto"
+            and sampling.top_p == 1.0
+            and sampling.top_k in (-1, 0)
             and self.learner.ppo_epochs == 1
             and self.learner.minibatch_size == samples
             and self.algorithm.kl.placement == "loss"

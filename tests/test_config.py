@@ -67,6 +67,8 @@ ONE_STEP = ["algorithm.name=grpo", "algorithm.kl.placement=loss", "rollout.sampl
         (["algorithm.kl.placement=reward"], False),  # the advantages need the learner's own log-probs
         (["train.async_mode=true"], False),  # samples from the previous policy
         (["algorithm.old_logprobs=recompute"], False),
+        (["rollout.sampling.top_p=0.9"], False),  # vLLM's log-probs are then renormalised over the kept tokens
+        (["rollout.sampling.top_k=20"], False),
     ],
 )
 def test_old_logprobs_are_skipped_only_for_one_on_policy_step(extra, skips):
