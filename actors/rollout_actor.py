@@ -24,7 +24,16 @@ import torch
 from rlhf_ray.config import ModelConfig, RolloutConfig, SamplingConfig
 from rlhf_ray.cuda_ipc import SharedBucket, open_bucket
 from rlhf_ray.protocol import Sample
-from rlhf_ray.weight_sync import SyncGroupSpec, TensorMeta, join_sync_group, post_receive, sum_by_layer, wait_all
+from rlhf_ray.weight_sync import (
+    SyncGroupSpec,
+    TensorMeta,
+    combine_ranks,
+    join_sync_group,
+    post_receive,
+    sample_columns,
+    sum_by_layer,
+    wait_all,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,32 +147,38 @@ def _weight_groups(worker) -> dict[str, str]:
     return groups
 
 
-def _packed_linear_sum(module: torch.nn.Module, block: int = 1024) -> float:
-    """Sum of a CPU linear layer's weight, read back through its packed kernel.
+def _packed_linear_sum(module: torch.nn.Module, columns: list[int], block: int = 1024) -> float:
+    """Sum of a CPU linear layer's weight over the input `columns`, read back through its packed kernel.
 
     On CPU vLLM repacks linear weights for oneDNN and drops `weight`; multiplying identity rows
     (x = e_i) returns W[:, i] exactly, so this checks the weights the engine really computes with.
     """
     k = module.input_size_per_partition
     total = 0.0
-    for start in range(0, k, block):
-        rows = min(block, k - start)
-        eye = torch.zeros(rows, k, dtype=module.weight.dtype)
-        eye[torch.arange(rows), start + torch.arange(rows)] = 1.0
+    for start in range(0, len(columns), block):
+        cols = torch.tensor(columns[start : start + block])
+        eye = torch.zeros(len(cols), k, dtype=module.weight.dtype)
+        eye[torch.arange(len(cols)), cols] = 1.0
         total += float(module.cpu_linear(eye, None, None).double().sum())
     return total
 
 
-def _parameter_sums(worker) -> dict[str, float]:
-    sums = {}
+def _parameter_sums(worker, version: int, columns: int) -> tuple[dict[str, float], list[str]]:
+    """float64 sum of every parameter this worker holds, keyed by vLLM's names, and the HF names of the
+    weights summed over `sample_columns(in_features, version, columns)` only: the linear weights CPU
+    vLLM repacked, read back through their kernel (other tensors are summed whole)."""
+    sums, packed = {}, set()
     for module_name, module in worker.model_runner.get_model().named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}" if module_name else param_name
             if param.numel() == 0 and param_name == "weight" and hasattr(module, "cpu_linear"):
-                sums[name] = _packed_linear_sum(module)
+                k = module.input_size_per_partition
+                sums[name] = _packed_linear_sum(module, sample_columns(k, version, columns))
+                packed.add(module_name)
             else:
                 sums[name] = float(param.detach().sum(dtype=torch.float64))
-    return sums
+    column_sampled = [hf for hf, module in _weight_groups(worker).items() if module in packed and hf.endswith(".weight")]
+    return sums, column_sampled
 
 
 class RolloutActor:
@@ -337,19 +352,25 @@ class RolloutActor:
             self._version = version
         return time.perf_counter() - start
 
-    def weight_report(self) -> tuple[int, dict[str, float]]:
-        """(served policy version, per-layer checksums of the loaded weights) for broadcast verification."""
-        return self._version, sum_by_layer(self.weight_checksums().items())
+    def weight_report(self, columns: int = 0) -> tuple[int, dict[str, float], list[str]]:
+        """For broadcast verification: (served policy version, per-layer checksums of the loaded weights,
+        HF names of the weights summed over `columns` sampled input columns only; see
+        `weight_sync.expected_layer_sums`)."""
+        sums, column_sampled = self._loaded_sums(columns)
+        return self._version, sum_by_layer(sums.items()), column_sampled
 
     def weight_checksums(self) -> dict[str, float]:
         """float64 sum of every parameter the engine holds, keyed by vLLM's names (fused qkv_proj, gate_up_proj).
 
-        With tensor_parallel_size > 1 each rank's shard is reported under a `rank{r}/` prefix.
+        With tensor_parallel_size > 1 the ranks' shards are added up (`weight_sync.combine_ranks`).
         """
-        per_rank = self.llm.collective_rpc(_parameter_sums)
-        if len(per_rank) == 1:
-            return per_rank[0]
-        return {f"rank{r}/{name}": s for r, sums in enumerate(per_rank) for name, s in sums.items()}
+        return self._loaded_sums(0)[0]
+
+    def _loaded_sums(self, columns: int) -> tuple[dict[str, float], list[str]]:
+        if self.cfg.tensor_parallel_size > 1:
+            columns = 0  # a row-parallel shard holds a slice of the input columns: read every one
+        per_rank = self.llm.collective_rpc(_parameter_sums, args=(self._version, columns))
+        return combine_ranks([sums for sums, _ in per_rank]), (per_rank[0][1] if columns else [])
 
     def version(self) -> int:
         return self._version

@@ -14,7 +14,7 @@ import deepspeed
 import torch
 
 from rlhf_ray.cuda_ipc import SharedBucket, export_bucket
-from rlhf_ray.weight_sync import TensorMeta, checksum, layer_checksums, send_bucket, wait_all
+from rlhf_ray.weight_sync import ParamSums, TensorMeta, checksum, param_sums, send_bucket, wait_all
 
 Named = list[tuple[str, torch.Tensor]]
 
@@ -94,30 +94,32 @@ def weight_metas(model: torch.nn.Module) -> list[TensorMeta]:
     ]
 
 
-def send_weights(model: torch.nn.Module, plan: list[list[TensorMeta]], pg: Any, rank: int) -> dict[str, float]:
+def send_weights(
+    model: torch.nn.Module, plan: list[list[TensorMeta]], pg: Any, rank: int, version: int, columns: int
+) -> ParamSums:
     """Broadcast the parameters bucket by bucket from rank 0 through the weight-sync group `pg`.
 
     Collective under ZeRO-3 (every rank gathers each bucket; only one bucket of full parameters
-    exists at a time); only rank 0 holds `pg` and sends. Returns rank 0's per-layer checksums of
-    what it sent ({} on other ranks).
+    exists at a time); only rank 0 holds `pg` and sends. Returns rank 0's `param_sums` of what it
+    sent for policy `version`, `columns` sampled per 2-D weight ({} on other ranks).
     """
     params = dict(model.named_parameters())
-    sums: dict[str, float] = {}
+    sums: ParamSums = {}
     for bucket in plan:
         group = [params[m.name] for m in bucket]
         with deepspeed.zero.GatheredParameters(group, modifier_rank=None):
             if rank == 0:
                 named = [(m.name, p.detach()) for m, p in zip(bucket, group)]
                 works = send_bucket(pg, named, device=str(group[0].device))
-                sums.update(layer_checksums(named))  # while the bytes travel; buckets hold whole layers
+                sums.update(param_sums(named, version, columns))  # while the bytes travel
                 wait_all(works)  # before ZeRO-3 releases the gathered tensors
     return sums
 
 
 def share_bucket(
-    model: torch.nn.Module, bucket: list[TensorMeta], rank: int
-) -> tuple[SharedBucket | None, list[torch.Tensor], dict[str, float]]:
-    """Export one bucket through CUDA IPC (colocated rollout actors): handles, buffers to keep, checksums.
+    model: torch.nn.Module, bucket: list[TensorMeta], rank: int, version: int, columns: int
+) -> tuple[SharedBucket | None, list[torch.Tensor], ParamSums]:
+    """Export one bucket through CUDA IPC (colocated rollout actors): handles, buffers to keep, `param_sums`.
 
     Collective under ZeRO-3 (every rank gathers the bucket); only rank 0 exports, the others get
     (None, [], {}). The buffers are copies, so the gathered parameters can be released at once.
@@ -129,4 +131,4 @@ def share_bucket(
             return None, [], {}
         named = [(m.name, p.detach()) for m, p in zip(bucket, group)]
         shared, buffers = export_bucket(named)
-        return shared, buffers, layer_checksums(named)
+        return shared, buffers, param_sums(named, version, columns)

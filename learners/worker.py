@@ -24,7 +24,7 @@ from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from rlhf_ray.cuda_ipc import SharedBucket
 from rlhf_ray.modeling import response_logprobs
 from rlhf_ray.ray_utils import free_port
-from rlhf_ray.weight_sync import SyncGroupSpec, TensorMeta, join_sync_group
+from rlhf_ray.weight_sync import ParamSums, SyncGroupSpec, TensorMeta, join_sync_group
 
 from . import checkpoint
 from .batching import PER_TOKEN, micro_batches
@@ -184,16 +184,17 @@ class LearnerWorker:
         """Rank 0 joins the weight-sync group as its rank 0; the other ranks only take part in gathers."""
         self.sync_group = join_sync_group(spec, 0) if self.rank == 0 else None
 
-    def send_weights(self, plan: list[list[TensorMeta]]) -> dict[str, float]:
-        """Broadcast every parameter to the rollout actors (collective); rank 0 returns per-layer checksums."""
-        return send_weights(unwrap(self.engine.module), plan, getattr(self, "sync_group", None), self.rank)
+    def send_weights(self, plan: list[list[TensorMeta]], version: int, columns: int) -> ParamSums:
+        """Broadcast every parameter to the rollout actors (collective); rank 0 returns their `param_sums`."""
+        model = unwrap(self.engine.module)
+        return send_weights(model, plan, getattr(self, "sync_group", None), self.rank, version, columns)
 
-    def share_bucket(self, bucket: list[TensorMeta]) -> tuple[SharedBucket | None, dict[str, float]]:
-        """CUDA IPC handles of one bucket for colocated actors, and its per-layer checksums (rank 0; collective).
+    def share_bucket(self, bucket: list[TensorMeta], version: int, columns: int) -> tuple[SharedBucket | None, ParamSums]:
+        """CUDA IPC handles of one bucket for colocated actors, and its `param_sums` (rank 0; collective).
 
         Rank 0 keeps the exported buffers until `release_shared`, after every actor has loaded them.
         """
-        shared, buffers, sums = share_bucket(unwrap(self.engine.module), bucket, self.rank)
+        shared, buffers, sums = share_bucket(unwrap(self.engine.module), bucket, self.rank, version, columns)
         self._shared_buffers = getattr(self, "_shared_buffers", []) + buffers
         return shared, sums
 

@@ -16,7 +16,7 @@ import ray
 
 from rlhf_ray.config import WeightSyncConfig
 from rlhf_ray.ray_utils import ActorCallError, LearnerRankError, free_port, get_with_timeout
-from rlhf_ray.weight_sync import SyncGroupSpec, compare_checksums, plan_buckets
+from rlhf_ray.weight_sync import ParamSums, SyncGroupSpec, compare_checksums, expected_layer_sums, plan_buckets
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,11 @@ class WeightBroadcaster:
     """Keeps a weight-sync group between a learner group and a rollout pool, and broadcasts through it.
 
     `learners` must offer `workers` (Ray handles, rank 0 first) and their `names`, with `weight_metas()`,
-    `join_weight_sync(spec)` and `send_weights(plan)`; `pool` must offer `actors`, `actor_names`,
+    `join_weight_sync(spec)` and `send_weights(plan, version, columns)`; `pool` must offer `actors`, `actor_names`,
     `workers_per_actor` (vLLM workers per actor, each a member of the group) and `version`, its
-    actors `join_weight_sync(spec, rank)`, `receive_weights(plan, version)` and `weight_report()`.
+    actors `join_weight_sync(spec, rank)`, `receive_weights(plan, version)` and `weight_report(columns)`.
     With backend "cuda_ipc" (learner rank 0 and the actors on one GPU) no group is built: the
-    workers' `share_bucket(bucket)`/`release_shared()` and the actors' `receive_shared(shared,
+    workers' `share_bucket(bucket, version, columns)`/`release_shared()` and the actors' `receive_shared(shared,
     version)` carry the buckets instead.
     """
 
@@ -116,23 +116,24 @@ class WeightBroadcaster:
             self.verify(send_sums)
         return BroadcastStats(version, self.total_bytes, seconds, reload_s)
 
-    def _send(self, version: int) -> tuple[dict[str, float], float]:
+    def _send(self, version: int) -> tuple[ParamSums, float]:
         """Through the weight-sync group: learner rank 0 sends every bucket while each actor receives and loads.
 
-        Returns the learner's per-layer checksums and the slowest actor's reload seconds.
+        Returns the learner's `ParamSums` and the slowest actor's reload seconds.
         """
         workers, names = self.learners.workers, self.learner_names + list(self.pool.actor_names)
-        send = [w.send_weights.remote(self.plan) for w in workers]
+        send = [w.send_weights.remote(self.plan, version, self.cfg.verify_columns) for w in workers]
         recv = [a.receive_weights.remote(self.plan, version) for a in self.pool.actors]
         results = self._call(send + recv, names, f"weight broadcast v{version}")
         return results[0], max(results[len(send) :], default=0.0)
 
-    def _share(self, version: int) -> tuple[dict[str, float], float]:
+    def _share(self, version: int) -> tuple[ParamSums, float]:
         """Colocated GPUs: per bucket, learner rank 0 exports CUDA IPC handles and every actor loads from them."""
         workers, sums, reload_s = self.learners.workers, {}, 0.0
         try:
             for k, bucket in enumerate(self.plan):
-                exported = self._call([w.share_bucket.remote(bucket) for w in workers], self.learner_names,
+                exported = self._call([w.share_bucket.remote(bucket, version, self.cfg.verify_columns) for w in workers],
+                                      self.learner_names,
                                       f"exporting bucket {k} of v{version}")
                 shared, bucket_sums = exported[0]
                 sums |= bucket_sums
@@ -182,11 +183,14 @@ class WeightBroadcaster:
         log.info("rollout actors %s joined at policy version %d", ", ".join(names), self.pool.version)
         return names
 
-    def verify(self, expected: dict[str, float]) -> None:
-        """Every actor reports the pool's version and the learner's per-layer checksums, or we raise."""
-        refs = [a.weight_report.remote() for a in self.pool.actors]
+    def verify(self, sent: ParamSums) -> None:
+        """Every actor reports the pool's version and the per-layer checksums of what the learner sent, or we raise.
+
+        sent: the learner's `param_sums` for this version and `weight_sync.verify_columns`.
+        """
+        refs = [a.weight_report.remote(self.cfg.verify_columns) for a in self.pool.actors]
         reports = self._call(refs, list(self.pool.actor_names), "weight checksum report")
-        for name, (version, sums) in zip(self.pool.actor_names, reports):
+        for name, (version, sums, column_sampled) in zip(self.pool.actor_names, reports):
             if version != self.pool.version:
                 raise RuntimeError(f"{name} reports policy version {version}, expected {self.pool.version}")
-            compare_checksums(expected, sums, who=name)
+            compare_checksums(expected_layer_sums(sent, column_sampled), sums, who=name)

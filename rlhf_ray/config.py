@@ -232,7 +232,13 @@ class WeightSyncConfig(Section):
     bucket_mb: float = Field(64.0, gt=0)
     master_addr: str = "127.0.0.1"
     timeout_s: float = Field(120.0, gt=0)
-    verify: bool = Field(True, description="Compare per-tensor checksums after every broadcast.")
+    verify: bool = Field(True, description="Compare per-layer checksums after every broadcast.")
+    verify_columns: int = Field(
+        32, ge=0,
+        description="Input columns per linear weight that CPU vLLM has repacked for its kernel and so reads back "
+        "through it (identity rows), drawn afresh from each policy version; 0 reads every column (exact but slow: "
+        "the read costs in_features times one token's FLOPs). Other tensors are always summed whole.",
+    )
 
 
 class ClusterConfig(Section):

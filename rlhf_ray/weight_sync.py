@@ -11,6 +11,7 @@ the sender's checksums and the receiver's reload of the previous bucket.
 from __future__ import annotations
 
 import math
+import random
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -164,6 +165,54 @@ def layer_of(name: str) -> str:
 def layer_checksums(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
     """Sum of `checksum` per layer (see `layer_of`)."""
     return sum_by_layer((name, checksum(t)) for name, t in named)
+
+
+# Per HF parameter: (float64 sum of all elements, float64 sum over the `sample_columns` of a 2-D weight).
+ParamSums = dict[str, tuple[float, float]]
+
+
+def sample_columns(width: int, version: int, count: int) -> list[int]:
+    """`count` input columns of a [out, width] weight, the same on the learner and every actor for a
+    policy `version`, fresh for each version; all of them when count is 0 or at least width."""
+    if count <= 0 or count >= width:
+        return list(range(width))
+    return sorted(random.Random(version * 1_000_003 + width).sample(range(width), count))
+
+
+def param_sums(named: Iterable[tuple[str, torch.Tensor]], version: int, columns: int) -> ParamSums:
+    """`ParamSums` of the learner's tensors for the broadcast of `version` (see `expected_layer_sums`)."""
+    sums: ParamSums = {}
+    for name, t in named:
+        full = checksum(t)
+        sampled = full
+        if t.dim() == 2:
+            sampled = float(t.detach()[:, sample_columns(t.shape[1], version, columns)].sum(dtype=torch.float64))
+        sums[name] = (full, sampled)
+    return sums
+
+
+def expected_layer_sums(sums: ParamSums, column_sampled: Iterable[str]) -> dict[str, float]:
+    """What an actor must report per layer: the column-sampled sum for the HF weights it read back
+    through a packed kernel on sampled columns (`column_sampled`), the full sum for all others."""
+    sampled = set(column_sampled)
+    return sum_by_layer((name, pair[1] if name in sampled else pair[0]) for name, pair in sums.items())
+
+
+def combine_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One float64 sum per vLLM parameter from each tensor-parallel rank's sums of its own copy.
+
+    A parameter every rank holds whole (a norm weight) reports the same sum on all ranks and counts
+    once; a sharded one (each rank holds distinct rows or columns) reports different sums, which add
+    up to the full tensor's. A replicated parameter that disagrees across ranks is thus counted
+    several times and fails the comparison with the learner, as it should.
+    """
+    if len(per_rank) == 1:
+        return dict(per_rank[0])
+    return {
+        name: values[0] if len(set(values)) == 1 else math.fsum(values)
+        for name in per_rank[0]
+        for values in [[sums[name] for sums in per_rank]]
+    }
 
 
 def sum_by_layer(named_sums: Iterable[tuple[str, float]]) -> dict[str, float]:

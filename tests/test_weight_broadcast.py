@@ -18,7 +18,7 @@ from rlhf_ray.config import LearnerConfig, ModelConfig, RolloutConfig, SamplingC
 from rlhf_ray.elastic import broadcast_replacing_dead
 from rlhf_ray.protocol import collate
 from rlhf_ray.ray_utils import ActorCallError
-from rlhf_ray.weight_sync import layer_checksums
+from rlhf_ray.weight_sync import compare_checksums, expected_layer_sums, param_sums
 
 MAX_LEN = 64
 
@@ -34,6 +34,11 @@ def setup(request, tiny_model_dir: Path, ray_cluster: None) -> Iterator[tuple[Le
     yield policy, pool, sync
     pool.shutdown()
     policy.shutdown()
+
+
+def sent_sums(policy: LearnerGroup, sync: WeightBroadcaster):
+    """What the learner sent for the pool's current version, as `WeightBroadcaster.verify` takes it."""
+    return param_sums(policy.export_weights(), sync.pool.version, sync.cfg.verify_columns)
 
 
 def _train_step(policy: LearnerGroup, seed: int) -> None:
@@ -73,6 +78,18 @@ def test_broadcast_makes_vllm_match_the_learner(setup, tiny_model_dir: Path):
     gap = ((learner_logp - batch["rollout_logprobs"]).abs() * batch["response_mask"]).max()
     assert gap < 1e-4, f"vLLM vs learner log-prob gap {gap:.2e}"
 
+    # The proof reads CPU vLLM's repacked linear weights back through the kernel on the version's sampled
+    # columns: it equals the learner's sums over those columns, not over others, and catches stale weights.
+    version, sums, column_sampled = ray.get(pool.actors[0].weight_report.remote(sync.cfg.verify_columns))
+    assert "model.layers.0.self_attn.q_proj.weight" in column_sampled and "model.embed_tokens.weight" not in column_sampled
+    exported, columns = policy.export_weights(), sync.cfg.verify_columns
+    compare_checksums(expected_layer_sums(param_sums(exported, version, columns), column_sampled), sums, "actor")
+    with pytest.raises(RuntimeError, match="layer 'model.layers.0'"):
+        compare_checksums(expected_layer_sums(param_sums(exported, version + 1, columns), column_sampled), sums, "actor")
+    _train_step(policy, seed=1)  # the learner moves on without a broadcast
+    with pytest.raises(RuntimeError, match=f"weight checksum mismatch on {pool.actor_names[0]}: layer"):
+        sync.verify(sent_sums(policy, sync))
+
 
 def test_versions_and_joining_actor(setup):
     policy, pool, sync = setup
@@ -102,7 +119,7 @@ def test_dead_actor_is_named_and_survivors_stay_consistent(setup, request):
     assert victim not in pool.actor_names and pool.num_actors >= 1
     # every survivor holds the learner's new weights, labelled with the new version
     assert pool.version == before + 1
-    sync.verify(layer_checksums(policy.export_weights()))
+    sync.verify(sent_sums(policy, sync))
 
 
 def test_actor_lost_during_a_run_broadcast_is_replaced_and_the_step_goes_on(setup, request):
@@ -120,6 +137,6 @@ def test_actor_lost_during_a_run_broadcast_is_replaced_and_the_step_goes_on(setu
     assert [(f.name, f.step, f.lost_samples) for f in failures] == [(victim, 4, 0)]
     assert failures[0].replaced_by in pool.actor_names and victim not in pool.actor_names
     assert pool.replacements == used + 1
-    sync.verify(layer_checksums(policy.export_weights()))  # survivor and replacement: the new weights, new version
+    sync.verify(sent_sums(policy, sync))  # survivor and replacement: the new weights, new version
     out = pool.generate(_prompts(4), n=1)
     assert {s.policy_version for s in out.samples} == {pool.version}

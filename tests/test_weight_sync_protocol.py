@@ -9,12 +9,16 @@ from rlhf_ray.ray_utils import free_port
 from rlhf_ray.weight_sync import (
     SyncGroupSpec,
     TensorMeta,
+    combine_ranks,
     compare_checksums,
+    expected_layer_sums,
     join_sync_group,
     layer_checksums,
     layer_of,
+    param_sums,
     plan_buckets,
     post_receive,
+    sample_columns,
     send_bucket,
     wait_all,
 )
@@ -93,3 +97,47 @@ def test_layer_of_groups_fused_and_unfused_names():
     assert layer_of("model.layers.3.self_attn.qkv_proj.weight") == "model.layers.3"
     assert layer_of("model.layers.3.self_attn.q_proj.weight") == "model.layers.3"
     assert layer_of("model.embed_tokens.weight") == "model.embed_tokens"
+
+
+def test_sampled_columns_are_shared_by_version_and_fresh_per_version():
+    cols = sample_columns(512, version=3, count=32)
+    assert cols == sample_columns(512, version=3, count=32) and len(set(cols)) == 32 and cols == sorted(cols)
+    assert all(0 <= c < 512 for c in cols)
+    assert cols != sample_columns(512, version=4, count=32)
+    assert sample_columns(16, version=3, count=32) == list(range(16))  # narrower than the sample: every column
+    assert sample_columns(512, version=3, count=0) == list(range(512))
+
+
+def test_expected_layer_sums_against_a_plain_loop():
+    """A fused qkv weight read back on sampled columns sums exactly what the learner's q, k and v weights hold there."""
+    g = torch.Generator().manual_seed(5)
+    named = [
+        ("model.layers.0.self_attn.q_proj.weight", torch.randn(8, 6, generator=g)),
+        ("model.layers.0.self_attn.k_proj.weight", torch.randn(4, 6, generator=g)),
+        ("model.layers.0.self_attn.q_proj.bias", torch.randn(8, generator=g)),
+        ("model.layers.0.input_layernorm.weight", torch.randn(6, generator=g)),
+        ("model.embed_tokens.weight", torch.randn(10, 6, generator=g)),
+    ]
+    sums = param_sums(named, version=7, columns=3)
+    cols = sample_columns(6, 7, 3)
+    qk = torch.cat([named[0][1], named[1][1]])  # vLLM's fused rows
+    readback = 0.0  # what the actor reads through the kernel: column c of the fused weight, for each sampled c
+    for c in cols:
+        for row in range(qk.shape[0]):
+            readback += float(qk[row, c])
+    rest = float(named[2][1].double().sum() + named[3][1].double().sum())
+    got = expected_layer_sums(sums, ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"])
+    assert got["model.layers.0"] == pytest.approx(readback + rest, abs=1e-9)
+    assert got["model.embed_tokens"] == pytest.approx(float(named[4][1].double().sum()), abs=1e-9)  # summed whole
+    assert expected_layer_sums(sums, []) == pytest.approx(layer_checksums(named), abs=1e-9)
+
+
+def test_tensor_parallel_sums_add_shards_and_count_replicas_once():
+    full = torch.arange(12, dtype=torch.float64).reshape(3, 4)
+    shards = full.chunk(2, dim=1)  # a row-parallel weight split over 2 ranks
+    norm = torch.tensor([0.5, 1.5])
+    per_rank = [{"w": float(s.sum()), "norm": float(norm.sum())} for s in shards]
+    assert combine_ranks(per_rank) == {"w": float(full.sum()), "norm": 2.0}
+    per_rank[1]["norm"] = 2.5  # a replica that drifted is counted twice, so it cannot match the learner's sum
+    assert combine_ranks(per_rank)["norm"] == 4.5
+    assert combine_ranks(per_rank[:1]) == per_rank[0]
