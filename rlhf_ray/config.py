@@ -193,7 +193,10 @@ class TrainConfig(Section):
     steps: int = Field(10, ge=1, description="RL steps (rollout + update + broadcast).")
     prompts_per_step: int = Field(8, ge=1, description="Prompts per rollout batch (B).")
     async_mode: bool = False
-    max_staleness: int = Field(1, ge=0, description="Policy versions a sample may lag in async mode.")
+    max_staleness: int = Field(
+        1, ge=0, description="Policy versions a sample may lag in async mode; the driver generates exactly one step "
+        "ahead, so async mode needs 1."
+    )
     eval_every: int = Field(0, ge=0)
     max_learner_restarts: int = Field(
         2, ge=0, description="Times `rlhf-ray train` resumes from the last complete checkpoint after a learner rank dies."
@@ -316,8 +319,11 @@ class RunConfig(Section):
                 f"for a prompt in model.max_model_len={self.model.max_model_len}; fix: lower "
                 "rollout.sampling.max_new_tokens or raise model.max_model_len"
             )
-        if self.train.async_mode and self.train.max_staleness < 1:
-            raise ValueError("train.async_mode=true generates one step ahead: set train.max_staleness >= 1")
+        if self.train.async_mode and self.train.max_staleness != 1:
+            raise ValueError(
+                f"train.async_mode=true generates exactly one step ahead (staleness 1), but "
+                f"train.max_staleness={self.train.max_staleness}: set train.max_staleness=1"
+            )
         if self.weight_sync.backend == "cuda_ipc" and self.rollout.tensor_parallel_size != 1:
             raise ValueError(
                 f"weight_sync.backend=cuda_ipc shares the learner's GPU memory with one colocated vLLM worker, but "

@@ -91,7 +91,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
             timer, step_start = StageTimer(), time.perf_counter()
             pool_metrics = apply_scaling(c, step)  # the size asked for by `rlhf-ray scale`, between steps
 
-            # 1. rollout: n samples for each of B prompts (in async mode, generated during the previous update)
+            # 1. rollout: n samples for each of B prompts (in async mode, generated during the previous step)
             with timer("generate"):
                 if pending is None:
                     rows, ids = c.prompts.next_batch()
@@ -99,6 +99,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
                 else:
                     rows, rollout = pending[0], c.pool.collect(pending[1])
                     pending = None
+            if cfg.train.async_mode and step + 1 < cfg.train.steps:
+                next_rows, next_ids = c.prompts.next_batch()  # generated with this version during stages 2-3
+                pending = (next_rows, c.pool.submit(next_ids))
             batch = collate(rollout.samples, c.tokenizer.pad_token_id)
             responses = c.tokenizer.batch_decode([s.response_ids for s in rollout.samples], skip_special_tokens=True)
             prompts = [rows[s.prompt_id]["prompt"] for s in rollout.samples]
@@ -124,9 +127,6 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
                 del exp["old_logprobs"]  # the update uses its own, detached
             if algo.tis_cap is not None or old_logp is None:
                 exp["rollout_logprobs"] = batch["rollout_logprobs"]
-            if cfg.train.async_mode and step + 1 < cfg.train.steps:
-                next_rows, next_ids = c.prompts.next_batch()
-                pending = (next_rows, c.pool.submit(next_ids))  # generated with this version while we update
             with timer("update"):  # skipped on NaN/inf experience; stops the run after too many skips in a row
                 step_metrics |= guard.update(step, exp, c.policy, c.critic)
             if guard.applied:

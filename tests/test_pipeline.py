@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from rlhf_ray.driver import train
 from rlhf_ray.synthetic import prompt_rows
 
 
-def _cfg(tiny_model_dir: Path, tmp: Path, steps: int, run_name: str):
+def _cfg(tiny_model_dir: Path, tmp: Path, steps: int, run_name: str, *extra: str):
     prompts = tmp / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(64, seed=0)))
     return load_config(None, [
@@ -23,7 +24,7 @@ def _cfg(tiny_model_dir: Path, tmp: Path, steps: int, run_name: str):
         "rollout.kv_cache_space_gib=0.25", "rollout.sampling.n=4", "rollout.sampling.max_new_tokens=12",
         "learner.lr=3e-2", "learner.min_lr_ratio=1.0", "learner.micro_batch_size=16", "learner.minibatch_size=16",
         f"train.steps={steps}", "train.prompts_per_step=8", f"train.output_dir={tmp}", f"train.run_name={run_name}",
-        "tracking.backend=none", "checkpoint.every=2", "cluster.num_cpus=8",
+        "tracking.backend=none", "checkpoint.every=2", "cluster.num_cpus=8", *extra,
     ])
 
 
@@ -47,3 +48,14 @@ def test_grpo_reward_rises_and_resume_matches(tiny_model_dir: Path, tmp_path: Pa
     assert [r["step"] for r in resumed] == [0, 1, 2]
     for key in ("reward/mean", "train/policy_loss", "kl/mean", "train/grad_norm"):
         assert resumed[2][key] == pytest.approx(rows[2][key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_async_mode_generates_one_step_ahead(tiny_model_dir: Path, tmp_path: Path, ray_cluster: None):
+    train(_cfg(tiny_model_dir, tmp_path, 3, "async", "train.async_mode=true"), tmp_path / "async")
+    rows = _metrics(tmp_path / "async")
+    # batch k > 0 was generated during step k-1, before its update: one policy version stale
+    assert [r["rollout/policy_version"] for r in rows] == [0, 0, 1]
+    assert rows[0]["rollout/logprob_diff_max"] < 1e-3  # the first batch is on-policy
+    assert min(r["rollout/logprob_diff_mean"] for r in rows[1:]) > 10 * rows[0]["rollout/logprob_diff_mean"]
+    assert all(math.isfinite(r["train/policy_loss"]) and r["train/skipped_steps"] == 0 for r in rows)

@@ -191,7 +191,7 @@ CASES: dict[str, tuple[Callable[[Path], str], list[str]]] = {
         ["rollout: need 1 (rollout 1), the cluster has 0 (no node offers it)", "fix: start nodes that offer it"]),
     "async_without_staleness": (
         lambda t: error_of(lambda: run_cfg("train.async_mode=true", "train.max_staleness=0")),
-        ["train.async_mode=true generates one step ahead: set train.max_staleness >= 1"]),
+        ["train.async_mode=true generates exactly one step ahead", "train.max_staleness=0: set train.max_staleness=1"]),
     "nccl_without_gpus": (
         lambda t: error_of(lambda: run_cfg("weight_sync.backend=nccl")),
         ["weight_sync.backend=nccl needs GPUs; set learner.num_gpus_per_rank > 0 or weight_sync.backend=gloo"]),
