@@ -5,8 +5,8 @@ Four runs of `train_steps` GRPO steps each, back to back, `train_rounds` times o
 
     e2e     rlhf_ray, synchronous: 2 rollout actors, a 2-thread learner (both cores for each stage)
     trl     TRL's GRPOTrainer on the same model, prompts, group size, lengths and optimizer settings
-    sync    rlhf_ray, 1 rollout actor and a 1-thread learner, few long responses, so that
-    async   generating a batch takes about as long as the update; the same with train.async_mode
+    sync    rlhf_ray, 1 rollout actor and a 1-thread learner, 2 long responses to one prompt, so that
+    async   generating a batch takes about as long as the rest of the step; the same with train.async_mode
 
 The overhead figure and the stage breakdown come from the e2e run's `timing/*` metrics.
 """
@@ -115,7 +115,7 @@ def training_figures(
     # so that the async figure measures the overlap alone.
     balanced = dict(
         prompts_per_step=w.async_prompts, response_len=w.async_response_len, rollout_actors=1, learner_threads=1,
-        old_logprobs="recompute",
+        old_logprobs="recompute", group_size=w.async_group_size,
     )
     runs_of: dict[str, list[dict[str, float]]] = {"e2e": [], "trl": [], "sync": [], "async": []}
     trl_error: trl_baseline.TRLUnavailable | None = None

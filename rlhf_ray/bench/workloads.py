@@ -58,7 +58,8 @@ class Workload:
     train_steps: int  # GRPO steps of each run; the first and the last are not measured
     train_rounds: int  # times the four training runs (e2e, TRL, sync, async) alternate
     async_prompts: int  # prompts per step of the async figure
-    async_response_len: int  # long and narrow: generation as slow as the update
+    async_response_len: int  # long and narrow: generation as slow as the rest of the step
+    async_group_size: int  # samples per prompt of the async figure; decoding few sequences is latency-bound
 
     @property
     def max_model_len(self) -> int:
@@ -72,13 +73,13 @@ class Workload:
 FULL = Workload(
     name="full", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, prompt_len=15, response_len=64,
     rollout_prompts=16, group_size=4, rollout_repeats=3, sync_repeats=4, sync_sizes=((256, 4), (768, 12)),
-    train_prompts=4, train_steps=4, train_rounds=2, async_prompts=1, async_response_len=128,
+    train_prompts=4, train_steps=6, train_rounds=2, async_prompts=1, async_response_len=128, async_group_size=2,
 )
 # make_tiny's default shape (~0.2M parameters): the whole pipeline in a couple of minutes.
 QUICK = Workload(
     name="quick", hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, prompt_len=9, response_len=16,
     rollout_prompts=4, group_size=2, rollout_repeats=2, sync_repeats=3, sync_sizes=((128, 2),),
-    train_prompts=2, train_steps=4, train_rounds=1, async_prompts=2, async_response_len=16,
+    train_prompts=2, train_steps=4, train_rounds=1, async_prompts=2, async_response_len=16, async_group_size=2,
 )
 
 
@@ -111,10 +112,13 @@ def write_prompts(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def sampling(w: Workload, response_len: int | None = None, seed: int | None = None) -> SamplingConfig:
-    """Temperature-1 sampling of `group_size` samples per prompt, each exactly the response length."""
+def sampling(
+    w: Workload, response_len: int | None = None, seed: int | None = None, group_size: int | None = None
+) -> SamplingConfig:
+    """Temperature-1 sampling of `group_size` (default the workload's) samples per prompt, each exactly the response length."""
     length = response_len or w.response_len
-    return SamplingConfig(n=w.group_size, temperature=1.0, max_new_tokens=length, ignore_eos=True, seed=seed)
+    n = group_size or w.group_size
+    return SamplingConfig(n=n, temperature=1.0, max_new_tokens=length, ignore_eos=True, seed=seed)
 
 
 def grpo_config(
@@ -129,17 +133,19 @@ def grpo_config(
     learner_threads: int,
     async_mode: bool,
     old_logprobs: str = "auto",
+    group_size: int | None = None,
 ) -> RunConfig:
     """A GRPO run with the rule reward: one optimizer step per RL step over all of its samples.
 
     The optimizer settings (lr, betas, clip, KL coefficient and estimator) are the ones the TRL
     baseline gets too (see `trl_baseline.trl_args`).
     """
-    samples = prompts_per_step * w.group_size
+    group_size = group_size or w.group_size
+    samples = prompts_per_step * group_size
     return RunConfig(
         model=ModelConfig(policy_path=str(policy_path), max_model_len=w.max_model_len),
         rollout=RolloutConfig(
-            num_actors=rollout_actors, kv_cache_space_gib=0.5, sampling=sampling(w, response_len)
+            num_actors=rollout_actors, kv_cache_space_gib=0.5, sampling=sampling(w, response_len, group_size=group_size)
         ),
         learner=LearnerConfig(
             num_ranks=1, num_cpus_per_rank=learner_threads, lr=LEARNING_RATE, betas=BETAS, grad_clip=1.0,
