@@ -163,9 +163,9 @@ def _packed_linear_sum(module: torch.nn.Module, columns: list[int], block: int =
     return total
 
 
-def _parameter_sums(worker, version: int, columns: int) -> tuple[dict[str, float], list[str]]:
-    """float64 sum of every parameter this worker holds, keyed by vLLM's names, and the HF names of the
-    weights summed over `sample_columns(in_features, version, columns)` only: the linear weights CPU
+def _parameter_sums(worker, version: int, columns: int) -> tuple[dict[str, float], set[str]]:
+    """float64 sum of every parameter this worker holds, keyed by vLLM's names, and the vLLM modules whose
+    weight is summed over `sample_columns(in_features, version, columns)` only: the linear layers CPU
     vLLM repacked, read back through their kernel (other tensors are summed whole)."""
     sums, packed = {}, set()
     for module_name, module in worker.model_runner.get_model().named_modules():
@@ -177,8 +177,7 @@ def _parameter_sums(worker, version: int, columns: int) -> tuple[dict[str, float
                 packed.add(module_name)
             else:
                 sums[name] = float(param.detach().sum(dtype=torch.float64))
-    column_sampled = [hf for hf, module in _weight_groups(worker).items() if module in packed and hf.endswith(".weight")]
-    return sums, column_sampled
+    return sums, packed
 
 
 class RolloutActor:
@@ -370,7 +369,9 @@ class RolloutActor:
         if self.cfg.tensor_parallel_size > 1:
             columns = 0  # a row-parallel shard holds a slice of the input columns: read every one
         per_rank = self.llm.collective_rpc(_parameter_sums, args=(self._version, columns))
-        return combine_ranks([sums for sums, _ in per_rank]), (per_rank[0][1] if columns else [])
+        packed = per_rank[0][1] if columns else set()
+        column_sampled = [hf for hf, module in self._weight_groups.items() if module in packed and hf.endswith(".weight")]
+        return combine_ranks([sums for sums, _ in per_rank]), column_sampled
 
     def version(self) -> int:
         return self._version

@@ -132,9 +132,8 @@ class WeightBroadcaster:
         workers, sums, reload_s = self.learners.workers, {}, 0.0
         try:
             for k, bucket in enumerate(self.plan):
-                exported = self._call([w.share_bucket.remote(bucket, version, self.cfg.verify_columns) for w in workers],
-                                      self.learner_names,
-                                      f"exporting bucket {k} of v{version}")
+                refs = [w.share_bucket.remote(bucket, version, self.cfg.verify_columns) for w in workers]
+                exported = self._call(refs, self.learner_names, f"exporting bucket {k} of v{version}")
                 shared, bucket_sums = exported[0]
                 sums |= bucket_sums
                 last = version if k == len(self.plan) - 1 else None

@@ -75,12 +75,11 @@ def warn_cut_responses(rows: list[dict], tokenizer: Any, max_len: int, fields: t
 def run_lm_stage(
     cfg: RunConfig, stage: SupervisedConfig, start_path: str, out_path: Path,
     make_batch: Callable[[list[int]], dict[str, torch.Tensor]], num_rows: int, name: str, logger: Logger,
-    eval_batches: list[dict[str, torch.Tensor]] = (),
+    eval_batch: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train the policy with `sft_step` on batches from `make_batch(row indices)`; save an HF folder.
 
-    eval_batches: held-out batches; their loss (nats per predicted token, over all of them) is
-    returned and logged as eval/<name>_loss after training.
+    eval_batch: held-out rows, scored after training as eval/<name>_loss (nats per predicted token).
     """
     _check_rows(stage, num_rows, name)
     steps = stage.epochs * (num_rows // stage.batch_size)
@@ -89,10 +88,8 @@ def run_lm_stage(
         for step, idx in enumerate(epoch_batches(num_rows, stage.batch_size, stage.epochs, cfg.train.seed)):
             metrics = group.sft_step(make_batch(idx))
             logger({f"{name}/{k.split('/')[-1]}": v for k, v in metrics.items()}, step)
-        if eval_batches:
-            tokens = [float(b["loss_mask"][:, 1:].sum()) for b in eval_batches]
-            losses = [group.sft_eval_loss(b) for b in eval_batches]
-            metrics[f"eval/{name}_loss"] = sum(l * t for l, t in zip(losses, tokens)) / sum(tokens)
+        if eval_batch is not None:
+            metrics[f"eval/{name}_loss"] = group.sft_eval_loss(eval_batch)
             logger({f"eval/{name}_loss": metrics[f"eval/{name}_loss"]}, steps)
         group.save(str(out_path))
     return metrics
@@ -116,11 +113,10 @@ def run_sft(
     """
     max_len = cfg.sft.max_len
     cut = warn_cut_responses(list(rows) + list(eval_rows), tokenizer, max_len, ("response",), "sft")
-    eval_batches = [tokenize_sft(eval_rows[i : i + cfg.sft.batch_size], tokenizer, max_len)
-                    for i in range(0, len(eval_rows), cfg.sft.batch_size)]
+    eval_batch = tokenize_sft(eval_rows, tokenizer, max_len) if eval_rows else None
     return cut | run_lm_stage(
         cfg, cfg.sft, start_path, out_path,
-        lambda idx: tokenize_sft([rows[i] for i in idx], tokenizer, max_len), len(rows), "sft", logger, eval_batches,
+        lambda idx: tokenize_sft([rows[i] for i in idx], tokenizer, max_len), len(rows), "sft", logger, eval_batch,
     )
 
 
