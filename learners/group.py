@@ -84,7 +84,7 @@ class LearnerGroup:
         ]
         try:
             address, port = self._each("rendezvous", [()], "rendezvous")[0]
-            self.info = self._each("setup", [(address, cfg.master_port or port)] * n, "setup")[0]
+            self.info = self._each("setup", [(address, port)] * n, "setup")[0]
         except BaseException:
             self._release()
             raise

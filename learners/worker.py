@@ -23,8 +23,8 @@ import torch.distributed as dist
 from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from rlhf_ray.cuda_ipc import SharedBucket
 from rlhf_ray.modeling import response_logprobs
-from rlhf_ray.ray_utils import free_port
-from rlhf_ray.weight_sync import ParamSums, SyncGroupSpec, TensorMeta, join_sync_group
+from rlhf_ray.net import bind_listener, listen_address
+from rlhf_ray.weight_sync import ParamSums, SyncGroupSpec, TensorMeta, join_sync_group, store_on
 
 from . import checkpoint
 from .batching import PER_TOKEN, micro_batches
@@ -67,9 +67,19 @@ class LearnerWorker:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
     def rendezvous(self) -> tuple[str, int]:
-        """This node's address and a free port on it, for the group's torch.distributed store."""
+        """Rank 0: listen for the group's torch.distributed store on this node's address; returns (address, port).
+
+        The socket stays bound until `setup` hands it to the store: no other process can take the port.
+        """
+        self._close_listener()
         address = ray.util.get_node_ip_address()
-        return address, free_port(address)
+        self._listen_fd, port = bind_listener(address, self.cfg.master_port)
+        return address, port
+
+    def _close_listener(self) -> None:
+        fd, self._listen_fd = getattr(self, "_listen_fd", None), None
+        if fd is not None:
+            os.close(fd)
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
         """Join the process group and build the engine; returns {"params": count, "device": name}."""
@@ -79,10 +89,12 @@ class LearnerWorker:
         )
         if not self.on_gpu:
             torch.set_num_threads(max(1, int(self.cfg.num_cpus_per_rank)))
-        deepspeed.init_distributed(
-            dist_backend="nccl" if self.on_gpu else "gloo",
-            timeout=timedelta(seconds=self.cfg.call_timeout_s), verbose=False,
-        )
+        listen_fd, self._listen_fd = getattr(self, "_listen_fd", None), None
+        store = store_on(master_addr, master_port, self.world_size, self.cfg.call_timeout_s, listen_fd)
+        timeout = timedelta(seconds=self.cfg.call_timeout_s)
+        backend = "nccl" if self.on_gpu else "gloo"
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)  # adopts the group above
         # Same seed on every rank: a freshly initialised critic head must be identical everywhere.
         random.seed(self.cfg.seed)
         np.random.seed(self.cfg.seed)
@@ -180,9 +192,31 @@ class LearnerWorker:
         """Name, full shape and dtype of every parameter (what the weight broadcast will send)."""
         return weight_metas(unwrap(self.engine.module))
 
+    def open_weight_sync(self, address: str, interface: str) -> tuple[str, int]:
+        """Rank 0: listen for a new weight-sync group on this node; returns (address, port) for the spec.
+
+        The address is `address`, else `interface`'s, else this node's as Ray knows it (see
+        `rlhf_ray.net.listen_address`). The socket stays bound until `join_weight_sync` hands it to the store.
+        """
+        self._close_sync_listener()
+        host = listen_address(address, interface, ray.util.get_node_ip_address())
+        self._sync_listen_fd, port = bind_listener(host)
+        return host, port
+
+    def _close_sync_listener(self) -> None:
+        fd, self._sync_listen_fd = getattr(self, "_sync_listen_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
     def join_weight_sync(self, spec: SyncGroupSpec) -> None:
         """Rank 0 joins the weight-sync group as its rank 0; the other ranks only take part in gathers."""
-        self.sync_group = join_sync_group(spec, 0) if self.rank == 0 else None
+        if self.rank != 0:
+            self.sync_group = None
+            return
+        listen_fd, self._sync_listen_fd = getattr(self, "_sync_listen_fd", None), None
+        if listen_fd is None:
+            raise RuntimeError("join_weight_sync on learner rank 0 without open_weight_sync first")
+        self.sync_group = join_sync_group(spec, 0, listen_fd)
 
     def send_weights(self, plan: list[list[TensorMeta]], version: int, columns: int) -> ParamSums:
         """Broadcast every parameter to the rollout actors (collective); rank 0 returns their `param_sums`."""

@@ -1,6 +1,6 @@
 """Driver side of the weight broadcast: learner rank 0 ══ weight-sync group ══▶ every vLLM worker.
 
-The driver owns the group's life cycle: it picks the rendezvous port, (re)builds the group
+The driver owns the group's life cycle: it asks learner rank 0 to listen (on its own node), (re)builds the group
 when rollout actors join or leave, triggers each broadcast on both sides at once, and checks
 afterwards that every actor reports the new version and the learner's per-layer checksums.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import ray
 
 from rlhf_ray.config import WeightSyncConfig
-from rlhf_ray.ray_utils import ActorCallError, LearnerRankError, free_port, get_with_timeout
+from rlhf_ray.ray_utils import ActorCallError, LearnerRankError, get_with_timeout
 from rlhf_ray.weight_sync import ParamSums, SyncGroupSpec, compare_checksums, expected_layer_sums, plan_buckets
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,11 @@ class WeightBroadcaster:
         if self.backend == "cuda_ipc" or self.members == list(self.pool.actor_names):
             return
         self.generation += 1
+        open_ref = self.learners.workers[0].open_weight_sync.remote(self.cfg.master_addr, self.cfg.interface)
+        address, port = self._call([open_ref], self.learner_names[:1], "opening the weight-sync rendezvous")[0]
         spec = SyncGroupSpec(
-            master_addr=self.cfg.master_addr,
-            master_port=free_port(self.cfg.master_addr),
+            master_addr=address,
+            master_port=port,
             world_size=1 + len(self.pool.actors) * self.pool.workers_per_actor,
             backend=self.backend,
             timeout_s=self.cfg.timeout_s,

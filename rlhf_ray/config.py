@@ -93,7 +93,10 @@ class LearnerConfig(Section):
         3, ge=1, description="RL steps in a row whose update is skipped (non-finite) that stop the run."
     )
     call_timeout_s: float = Field(1800.0, gt=0)
-    master_port: int = Field(0, ge=0, le=65535, description="torch.distributed port; 0 picks a free one.")
+    master_port: int = Field(
+        0, ge=0, le=65535, description="Port learner rank 0 listens on for the group's torch.distributed store; "
+        "0: one its node picks when it binds.",
+    )
     seed: int = 0
 
 
@@ -233,7 +236,14 @@ class CheckpointConfig(Section):
 class WeightSyncConfig(Section):
     backend: Literal["auto", "gloo", "nccl", "cuda_ipc"] = "auto"
     bucket_mb: float = Field(64.0, gt=0)
-    master_addr: str = "127.0.0.1"
+    master_addr: str = Field(
+        "", description="Address learner rank 0 listens on for the weight-sync group; empty: its node's address "
+        "as Ray knows it (127.0.0.1 for a local head). Set it, or `interface`, on hosts with several networks.",
+    )
+    interface: str = Field(
+        "", description="Network interface (e.g. eth1) whose IPv4 address learner rank 0 listens on, like "
+        "NCCL_SOCKET_IFNAME; used when master_addr is empty.",
+    )
     timeout_s: float = Field(120.0, gt=0)
     verify: bool = Field(True, description="Compare per-layer checksums after every broadcast.")
     verify_columns: int = Field(

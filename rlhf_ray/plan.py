@@ -202,9 +202,17 @@ def _describe_transport(cfg: RunConfig, backend: str) -> str:
     receivers = ro.num_actors * ro.tensor_parallel_size
     return (
         f"{chosen} ({why}): learner-0 -> {receivers} vLLM workers, group of {1 + receivers} ranks, "
-        f"rendezvous on {ws.master_addr}, {ws.bucket_mb:g} MiB buckets, timeout {ws.timeout_s:g}s"
+        f"rendezvous on {_rendezvous_address(ws)}, {ws.bucket_mb:g} MiB buckets, timeout {ws.timeout_s:g}s"
         + (", checksums verified" if ws.verify else "")
     )
+
+
+def _rendezvous_address(ws) -> str:
+    if ws.master_addr:
+        return ws.master_addr
+    if ws.interface:
+        return f"{ws.interface}'s address on learner rank 0's node"
+    return "learner rank 0's node address"
 
 
 def _describe_kl(cfg: RunConfig) -> str:
@@ -295,7 +303,8 @@ def make_plan(cfg: RunConfig, cluster_resources: dict[str, float], nodes: list[d
     if len(alive) > 1 and cfg.weight_sync.master_addr in ("127.0.0.1", "localhost", "::1"):
         warnings.append(
             f"weight_sync.master_addr={cfg.weight_sync.master_addr} is loopback but the cluster has {len(alive)} "
-            "nodes: rollout actors on other nodes cannot reach it; set it to learner rank 0's private address"
+            "nodes: rollout actors on other nodes cannot reach it; leave it empty (learner rank 0's node address) "
+            "or name learner rank 0's address on the network the rollout nodes share"
         )
     return Plan(cfg, reqs, needed, dict(cluster_resources), len(alive), hosts, transport, batch_math(cfg), warnings)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import ray
@@ -48,13 +47,6 @@ def init_ray(cluster: ClusterConfig | None = None) -> None:
         runtime_env=runtime_env,
         log_to_driver=True,
     )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, timeout_s: float) -> list[Any]:

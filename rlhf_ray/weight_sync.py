@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import random
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable
@@ -86,31 +85,31 @@ def plan_buckets(metas: Iterable[TensorMeta], bucket_bytes: int) -> list[list[Te
     return buckets
 
 
-def _listening_socket(host: str, port: int) -> int:
-    """A TCP socket listening on host:port only; the caller (the store) owns the returned descriptor."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    return sock.detach()
+def join_sync_group(spec: SyncGroupSpec, rank: int, listen_fd: int | None = None) -> dist.ProcessGroup:
+    """Create this process's member of the standalone group; blocks until all ranks joined (or timeout).
 
-
-def join_sync_group(spec: SyncGroupSpec, rank: int) -> dist.ProcessGroup:
-    """Create this process's member of the standalone group; blocks until all ranks joined (or timeout)."""
+    Rank 0 serves the group's store on `listen_fd`, the socket it bound itself with
+    `rlhf_ray.net.bind_listener(spec.master_addr)` and whose port the spec carries; the store takes
+    ownership of it. (TCPStore's own server would listen on every interface.)
+    """
+    if (rank == 0) != (listen_fd is not None):
+        raise ValueError("rank 0 of the weight-sync group, and only rank 0, passes the socket it listens on")
+    store = store_on(spec.master_addr, spec.master_port, spec.world_size, spec.timeout_s, listen_fd)
     timeout = timedelta(seconds=spec.timeout_s)
-    # TCPStore's own server listens on every interface; rank 0 hands it a socket bound to master_addr only.
-    listen_fd = _listening_socket(spec.master_addr, spec.master_port) if rank == 0 else None
-    store = dist.TCPStore(
-        spec.master_addr, spec.master_port, spec.world_size, is_master=(rank == 0), timeout=timeout,
-        master_listen_fd=listen_fd,
-    )
     prefixed = dist.PrefixStore(f"weight_sync/{spec.generation}", store)
     if spec.backend == "gloo":
         return dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timeout)
     opts = dist.ProcessGroupNCCL.Options()
     opts._timeout = timeout
     return dist.ProcessGroupNCCL(prefixed, rank, spec.world_size, opts)
+
+
+def store_on(host: str, port: int, world_size: int, timeout_s: float, listen_fd: int | None) -> dist.TCPStore:
+    """A TCPStore served on `listen_fd` (the server's own bound socket) or, without one, a client of host:port."""
+    return dist.TCPStore(
+        host, port, world_size, is_master=listen_fd is not None, timeout=timedelta(seconds=timeout_s),
+        master_listen_fd=listen_fd,
+    )
 
 
 def send_bucket(pg: dist.ProcessGroup, named: list[tuple[str, torch.Tensor]], device: str = "cpu") -> list:

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from rlhf_ray import cli
 from rlhf_ray.broadcast import WeightBroadcaster
 from rlhf_ray.config import LearnerConfig, ModelConfig, RolloutConfig, RunConfig, SamplingConfig, WeightSyncConfig, load_config
 from rlhf_ray.elastic import read_scale_request, write_scale_request
-from rlhf_ray.ray_utils import ActorCallError, free_port
+from rlhf_ray.ray_utils import ActorCallError
 from rlhf_ray.supervisor import train_supervised
 from rlhf_ray.synthetic import prompt_rows
 
@@ -229,6 +230,13 @@ def test_killed_learner_rank_resumes_from_the_last_checkpoint(tiny_model_dir: Pa
 
 
 # ---------------------------------------------------------------- two nodes on loopback
+
+
+def free_port() -> int:
+    """A loopback port free right now, for `ray start`'s own listeners, which take numbers only."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class LoopbackCluster:

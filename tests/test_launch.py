@@ -4,10 +4,13 @@ Nothing here contacts a Ray server: the builder is pure, and `submit_main` is po
 loopback port to exercise everything it prints before and after a failed connection.
 """
 
+import contextlib
 import json
 import shlex
+import socket
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -15,7 +18,6 @@ from ray.runtime_env import RuntimeEnv
 
 from rlhf_ray.config import ConfigError, load_config
 from rlhf_ray.launch import PROJECT_ROOT, SubmitError, build_submission, describe, resolve_address, submit_main
-from rlhf_ray.ray_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -34,6 +36,14 @@ def in_project_root(monkeypatch):
 def test_shipped_configs_validate(path):
     load_config(path)
 
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port bound but not listening: connecting is refused, and no other process can take it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 def test_submission_runtime_env_and_entrypoint():
     overrides = ["train.steps=5", "data.prompts.path=/data/my prompts.jsonl"]
@@ -67,8 +77,9 @@ def test_secret_values_are_never_shown(monkeypatch, capfd):
     assert sub.runtime_env["env_vars"]["WANDB_API_KEY"] == SECRET  # it does travel to the cluster ...
     assert SECRET not in repr(sub) and SECRET not in describe(sub, "http://127.0.0.1:8265")  # ... and nowhere else
 
-    closed = f"http://127.0.0.1:{free_port()}"
-    assert submit_main(PPO, ["train.steps=5"], address=closed) == 1
+    with closed_port() as port:
+        closed = f"http://127.0.0.1:{port}"
+        assert submit_main(PPO, ["train.steps=5"], address=closed) == 1
     out, err = capfd.readouterr()
     assert "WANDB_API_KEY (values not shown)" in out
     assert f"could not submit to {closed}" in err
@@ -82,8 +93,9 @@ def test_an_override_carrying_a_secret_is_refused(monkeypatch):
 
 
 def test_bad_config_fails_before_submission(capfd):
-    closed = f"http://127.0.0.1:{free_port()}"
-    assert submit_main(PPO, ["rollout.num_actor=2"], address=closed) == 2
+    with closed_port() as port:
+        closed = f"http://127.0.0.1:{port}"
+        assert submit_main(PPO, ["rollout.num_actor=2"], address=closed) == 2
     out, err = capfd.readouterr()
     assert "did you mean 'rollout.num_actors'?" in err and "submitting" not in out
     with pytest.raises(ConfigError):

@@ -67,7 +67,10 @@ def test_gpu_recipe_places_each_actor_in_its_pool():
     text = plan.render()
     assert "rollout-0 … rollout-3 (4×)" in text and "nodes offering rollout" in text
     assert "nccl (GPU to GPU)" in text
-    assert any("master_addr=127.0.0.1 is loopback" in w for w in plan.warnings)
+    assert "rendezvous on learner rank 0's node address" in text and not plan.warnings
+    pinned = load_config(PPO, ["weight_sync.master_addr=127.0.0.1"])
+    warnings = make_plan(pinned, totals(GPU_NODES), GPU_NODES).warnings
+    assert any("master_addr=127.0.0.1 is loopback" in w for w in warnings)
 
 
 def test_ray_options_are_accepted_by_ray():

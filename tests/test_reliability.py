@@ -28,7 +28,7 @@ from rlhf_ray.preflight import (
     preflight,
 )
 from rlhf_ray.protocol import Sample, collate
-from rlhf_ray.ray_utils import free_port
+from rlhf_ray.net import bind_listener
 from rlhf_ray.rewards import call_rule, exact_answer, load_reward_fn
 from rlhf_ray.step_guard import RewardShapeError, StepGuard, TooManySkippedSteps, guard_rewards
 from rlhf_ray.weight_sync import SyncGroupSpec, join_sync_group
@@ -304,8 +304,9 @@ def test_version_floors_are_stated_in_pyproject_and_met() -> None:
 
 
 def test_weight_sync_rendezvous_listens_on_master_addr_only() -> None:
-    spec = SyncGroupSpec("127.0.0.1", free_port(), 1, "gloo", 30.0, generation=0)
-    pg = join_sync_group(spec, rank=0)
+    listen_fd, port = bind_listener("127.0.0.1")
+    spec = SyncGroupSpec("127.0.0.1", port, 1, "gloo", 30.0, generation=0)
+    pg = join_sync_group(spec, rank=0, listen_fd=listen_fd)
     listening = [c.laddr for c in psutil.Process().net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == spec.master_port]
     assert listening and all(addr.ip == "127.0.0.1" for addr in listening), listening

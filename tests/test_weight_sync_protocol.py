@@ -5,7 +5,7 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from rlhf_ray.ray_utils import free_port
+from rlhf_ray.net import bind_listener
 from rlhf_ray.weight_sync import (
     SyncGroupSpec,
     TensorMeta,
@@ -69,12 +69,13 @@ def test_plan_buckets_respects_size_and_order():
 def test_broadcast_round_trip_between_processes():
     named = _named_tensors()
     plan = plan_buckets([TensorMeta.of(n, t) for n, t in named], bucket_bytes=600)
-    spec = SyncGroupSpec("127.0.0.1", free_port(), 2, "gloo", 30.0, generation=0)
+    listen_fd, port = bind_listener("127.0.0.1")
+    spec = SyncGroupSpec("127.0.0.1", port, 2, "gloo", 30.0, generation=0)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_receiver, args=(spec, plan, queue))
     proc.start()
-    pg = join_sync_group(spec, rank=0)
+    pg = join_sync_group(spec, rank=0, listen_fd=listen_fd)
     lookup = dict(named)
     for bucket in plan:
         wait_all(send_bucket(pg, [(m.name, lookup[m.name]) for m in bucket]))

@@ -25,15 +25,20 @@ from rlhf_ray.bench.report import Figure, paired_ratio, spread
 from rlhf_ray.bench.workloads import Workload, build_policy
 from rlhf_ray.broadcast import WeightBroadcaster
 from rlhf_ray.config import LearnerConfig, ModelConfig, RolloutConfig, WeightSyncConfig
-from rlhf_ray.ray_utils import free_port
+from rlhf_ray.net import bind_listener
 from rlhf_ray.weight_sync import SyncGroupSpec, join_sync_group
 
 
 class GlooPeer:
     """One end of the raw baseline: a flat float32 buffer in a standalone gloo group."""
 
+    def listen(self) -> int:
+        """Rank 0: bind the group's rendezvous socket on loopback; returns its port."""
+        self.listen_fd, port = bind_listener("127.0.0.1")
+        return port
+
     def join(self, spec: SyncGroupSpec, rank: int, numel: int) -> None:
-        self.pg = join_sync_group(spec, rank)
+        self.pg = join_sync_group(spec, rank, self.listen_fd if rank == 0 else None)
         self.buffer = torch.randn(numel) if rank == 0 else torch.empty(numel)
 
     def broadcast(self) -> None:
@@ -53,7 +58,8 @@ def reload_seconds(actor: RolloutActor, weights: list[tuple[str, torch.Tensor]])
 def raw_peers(nbytes: int) -> list:
     """Two GlooPeer actors joined in one group, holding `nbytes` each."""
     peers = [ray.remote(num_cpus=0.5)(GlooPeer).remote() for _ in range(2)]
-    spec = SyncGroupSpec("127.0.0.1", free_port(), world_size=2, backend="gloo", timeout_s=120, generation=0)
+    port = ray.get(peers[0].listen.remote())
+    spec = SyncGroupSpec("127.0.0.1", port, world_size=2, backend="gloo", timeout_s=120, generation=0)
     ray.get([p.join.remote(spec, rank, nbytes // 4) for rank, p in enumerate(peers)])
     return peers
 
