@@ -3,7 +3,7 @@
 The pool places the actors (pinned CPU cores, or a placement group of tensor-parallel GPU
 bundles), splits a batch across them balanced by expected tokens, gathers the samples back in
 prompt order, and grows or shrinks between calls. Weights reach the actors through the
-weight-broadcast layer (`rlhf_ray.broadcast`), which loads them into every actor of `pool.actors`
+weight-broadcast layer (`rlhf_ray.driver.broadcaster`), which loads them into every actor of `pool.actors`
 and then sets `pool.version`; an actor joining later is brought to that version by
 `add_actors(k, weights=...)` before it serves.
 

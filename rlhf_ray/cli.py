@@ -28,15 +28,15 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> None:
-    from rlhf_ray.tiny import make_tiny
+    from rlhf_ray.recipes.tiny import make_tiny
 
     paths = make_tiny(args.out, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed)
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from rlhf_ray.run import run_dir_for
-    from rlhf_ray.supervisor import train_supervised
+    from rlhf_ray.driver.components import run_dir_for
+    from rlhf_ray.driver.supervisor import train_supervised
 
     cfg = _config(args)
     if args.resume and not cfg.train.run_name:
@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_scale(args: argparse.Namespace) -> None:
     """Ask a running `rlhf-ray train` for N rollout actors; it applies the request between steps."""
-    from rlhf_ray.elastic import write_scale_request
+    from rlhf_ray.driver.recovery import write_scale_request
 
     path = write_scale_request(args.run_dir, args.rollout)
     print(json.dumps({"control_file": str(path), "rollout": {"num_actors": args.rollout}}))
@@ -54,8 +54,8 @@ def cmd_scale(args: argparse.Namespace) -> None:
 
 def _stage(kind: str, args: argparse.Namespace) -> None:
     from rlhf_ray.data import DataError
-    from rlhf_ray.run import run_dir_for
-    from rlhf_ray.stages import stage_main
+    from rlhf_ray.driver.components import run_dir_for
+    from rlhf_ray.driver.stages import stage_main
 
     cfg = _config(args)
     run_dir = run_dir_for(cfg)
@@ -78,12 +78,12 @@ def cmd_rm(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from rlhf_ray.demo import DEMO_CONFIG, SIZES, run_demo
-    from rlhf_ray.run import run_dir_for
+    from rlhf_ray.recipes.demo import DEMO_CONFIG, SIZES, run_demo
+    from rlhf_ray.driver.components import run_dir_for
 
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
     if args.task == "arithmetic":
-        from rlhf_ray.arithmetic import run_arithmetic
+        from rlhf_ray.recipes.arithmetic import run_arithmetic
 
         results = run_arithmetic(cfg, run_dir_for(cfg))
     else:
@@ -92,19 +92,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from rlhf_ray.evaluate import eval_main
+    from rlhf_ray.driver.evaluate import eval_main
 
     eval_main(_config(args), args.model, args.out)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from rlhf_ray.plan import plan_main
+    from rlhf_ray.driver.plan import plan_main
 
     sys.exit(plan_main(_config(args), args.address))
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
-    from rlhf_ray.launch import submit_main
+    from rlhf_ray.driver.launch import submit_main
 
     sys.exit(submit_main(args.config, args.overrides, args.address, extra_pip=args.extra_pip,
                          installer=args.installer, no_install=args.no_install, wait=args.wait))

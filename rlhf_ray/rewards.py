@@ -13,8 +13,6 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from rlhf_ray.synthetic import hidden_score
-
 if TYPE_CHECKING:
     import torch
 
@@ -97,11 +95,6 @@ def call_rule(
 
 
 # ---------------------------------------------------------------- built-in rule rewards
-
-
-def hidden_rule(prompt: str, response: str, row: dict) -> float:
-    """The demo's hidden preference rule as a verifiable reward (see rlhf_ray.synthetic)."""
-    return hidden_score(prompt, response)
 
 
 def exact_answer(prompt: str, response: str, row: dict) -> float:

@@ -11,7 +11,7 @@ import ray
 
 from rlhf_ray.config import ClusterConfig
 from rlhf_ray.ray_utils import init_ray
-from rlhf_ray.tiny import make_tiny
+from rlhf_ray.recipes.tiny import make_tiny
 
 
 @pytest.fixture(scope="session")

@@ -30,12 +30,12 @@ import torch
 from actors.rollout_pool import RolloutPool
 from learners import LearnerGroup
 from rlhf_ray import cli
-from rlhf_ray.broadcast import WeightBroadcaster
+from rlhf_ray.driver.broadcaster import WeightBroadcaster
 from rlhf_ray.config import LearnerConfig, ModelConfig, RolloutConfig, RunConfig, SamplingConfig, WeightSyncConfig, load_config
-from rlhf_ray.elastic import read_scale_request, write_scale_request
+from rlhf_ray.driver.recovery import read_scale_request, write_scale_request
 from rlhf_ray.ray_utils import ActorCallError
-from rlhf_ray.supervisor import train_supervised
-from rlhf_ray.synthetic import prompt_rows
+from rlhf_ray.driver.supervisor import train_supervised
+from rlhf_ray.recipes.synthetic import prompt_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -68,7 +68,7 @@ def test_cuda_ipc_round_trip_between_processes() -> None:
 
 @pytest.fixture(scope="module")
 def gpu_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rlhf_ray.tiny import make_tiny
+    from rlhf_ray.recipes.tiny import make_tiny
 
     out = tmp_path_factory.mktemp("gpu-tiny")
     make_tiny(out, hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1)
@@ -79,7 +79,7 @@ def _broadcast_and_check(policy_path: Path, backend: str, learner_gpus: float, a
     """One SFT step, a broadcast over `backend`, checksums verified; returns the vLLM-vs-learner log-prob gap."""
     from actors.rollout_pool import RolloutPool
     from learners import LearnerGroup
-    from rlhf_ray.broadcast import WeightBroadcaster
+    from rlhf_ray.driver.broadcaster import WeightBroadcaster
     from rlhf_ray.config import LearnerConfig, ModelConfig, RolloutConfig, SamplingConfig, WeightSyncConfig
     from rlhf_ray.protocol import collate
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ray.arithmetic import run_arithmetic
+from rlhf_ray.recipes.arithmetic import run_arithmetic
 from rlhf_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import yaml
 from ray.runtime_env import RuntimeEnv
 
 from rlhf_ray.config import ConfigError, load_config
-from rlhf_ray.launch import PROJECT_ROOT, SubmitError, build_submission, describe, resolve_address, submit_main
+from rlhf_ray.driver.launch import PROJECT_ROOT, SubmitError, build_submission, describe, resolve_address, submit_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.config import load_config
-from rlhf_ray.driver import train
-from rlhf_ray.synthetic import prompt_rows
+from rlhf_ray.driver.loop import train
+from rlhf_ray.recipes.synthetic import prompt_rows
 
 
 def _cfg(tiny_model_dir: Path, tmp: Path, steps: int, run_name: str, *extra: str):

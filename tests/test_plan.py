@@ -12,7 +12,7 @@ import ray
 import yaml
 
 from rlhf_ray.config import load_config
-from rlhf_ray.plan import PlanError, make_plan, resource_requests, weight_sync_backend
+from rlhf_ray.driver.plan import PlanError, make_plan, resource_requests, weight_sync_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 PPO = ROOT / "configs" / "qwen2.5-1.5b-ppo.yaml"

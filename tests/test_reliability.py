@@ -19,7 +19,7 @@ import torch
 from rlhf_ray.checkpoint import CheckpointWriter, latest_complete, save_state
 from rlhf_ray.config import ConfigError, ModelConfig, RewardConfig, load_config
 from rlhf_ray.experience import make_experience
-from rlhf_ray.preflight import (
+from rlhf_ray.driver.preflight import (
     VERSION_FLOORS,
     check_cluster,
     check_model_folder,
@@ -30,7 +30,7 @@ from rlhf_ray.preflight import (
 from rlhf_ray.protocol import Sample, collate
 from rlhf_ray.net import bind_listener
 from rlhf_ray.rewards import call_rule, exact_answer, load_reward_fn
-from rlhf_ray.step_guard import RewardShapeError, StepGuard, TooManySkippedSteps, guard_rewards
+from rlhf_ray.driver.step_guard import RewardShapeError, StepGuard, TooManySkippedSteps, guard_rewards
 from rlhf_ray.weight_sync import SyncGroupSpec, join_sync_group
 
 ROOT = Path(__file__).resolve().parents[1]

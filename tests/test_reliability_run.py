@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from rlhf_ray.checkpoint import latest_complete
 from rlhf_ray.config import load_config
-from rlhf_ray.driver import train
-from rlhf_ray.synthetic import prompt_rows
+from rlhf_ray.driver.loop import train
+from rlhf_ray.recipes.synthetic import prompt_rows
 
 WANDB_SECRET = "planted-wandb-key-h8-0123456789abcdef"
 HUB_SECRET = "hf_plantedHubTokenH8abcdefghijkl"

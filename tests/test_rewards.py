@@ -9,8 +9,8 @@ import torch
 
 from actors.reward_actor import RewardActor
 from rlhf_ray.config import ModelConfig, RewardConfig, RewardFunctionConfig
-from rlhf_ray.rewards import RewardFunctionError, RewardNormalizer, call_rule, exact_answer, hidden_rule, load_reward_fn
-from rlhf_ray.synthetic import edited_answer, hidden_score, label_pairs, win_rate
+from rlhf_ray.rewards import RewardFunctionError, RewardNormalizer, call_rule, exact_answer, load_reward_fn
+from rlhf_ray.recipes.synthetic import edited_answer, hidden_rule, hidden_score, label_pairs, win_rate
 
 
 @pytest.mark.parametrize(

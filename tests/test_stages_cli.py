@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_ray.synthetic import DISLIKED, LIKED, THINGS, instruction_rows, make_answer
+from rlhf_ray.recipes.synthetic import DISLIKED, LIKED, THINGS, instruction_rows, make_answer
 
 COMMON = ["model.max_model_len=64", "rollout.sampling.max_new_tokens=16", "tracking.backend=none", "cluster.num_cpus=8", "data.seed=0"]
 

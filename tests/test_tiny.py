@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from rlhf_ray.tiny import IM_END, PAD_TOKEN, make_tiny
+from rlhf_ray.recipes.tiny import IM_END, PAD_TOKEN, make_tiny
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -47,7 +47,7 @@ def test_offline_wandb_run_holds_the_metrics_and_no_secret(tmp_path, monkeypatch
         for step, metrics in enumerate(STEPS):
             tracker.log(metrics, step=step)
         tracker.log_samples(1, ["Describe the river."], [f"it is calm {SECRET}"], [0.5])
-        logging.getLogger("rlhf_ray.driver").warning("connecting with key %s", SECRET)
+        logging.getLogger("rlhf_ray.driver.loop").warning("connecting with key %s", SECRET)
         logging.getLogger().info("hub token %s", CONFIG_SECRET)
         try:
             raise ValueError(f"bad key {SECRET}")

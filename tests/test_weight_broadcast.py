@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from actors.rollout_pool import RolloutPool
 from learners import LearnerGroup
-from rlhf_ray.broadcast import WeightBroadcaster
+from rlhf_ray.driver.broadcaster import WeightBroadcaster
 from rlhf_ray.config import LearnerConfig, ModelConfig, RolloutConfig, SamplingConfig, WeightSyncConfig
-from rlhf_ray.elastic import broadcast_replacing_dead
+from rlhf_ray.driver.recovery import broadcast_replacing_dead
 from rlhf_ray.protocol import collate
 from rlhf_ray.ray_utils import ActorCallError
 from rlhf_ray.weight_sync import compare_checksums, expected_layer_sums, param_sums

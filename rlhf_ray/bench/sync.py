@@ -23,7 +23,7 @@ from actors.rollout_pool import RolloutPool
 from learners import LearnerGroup
 from rlhf_ray.bench.report import Figure, paired_ratio, spread
 from rlhf_ray.bench.workloads import Workload, build_policy
-from rlhf_ray.broadcast import WeightBroadcaster
+from rlhf_ray.driver.broadcaster import WeightBroadcaster
 from rlhf_ray.config import LearnerConfig, ModelConfig, RolloutConfig, WeightSyncConfig
 from rlhf_ray.net import bind_listener
 from rlhf_ray.weight_sync import SyncGroupSpec, join_sync_group

@@ -33,7 +33,7 @@ def run_grpo(cfg: RunConfig, run_dir: Path) -> list[dict[str, float]]:
     The first is the warm-up; in async mode the last has no next batch to generate during its
     update, so neither is a steady-state step (both are dropped in both modes, alike).
     """
-    from rlhf_ray.driver import train
+    from rlhf_ray.driver.loop import train
 
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl is appended to, never truncated
     train(cfg, run_dir)

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rlhf_ray import synthetic
+from rlhf_ray.recipes import synthetic
 from rlhf_ray.config import (
     AlgorithmConfig,
     CheckpointConfig,
@@ -29,7 +29,7 @@ from rlhf_ray.config import (
     TrackingConfig,
     TrainConfig,
 )
-from rlhf_ray.tiny import make_tiny
+from rlhf_ray.recipes.tiny import make_tiny
 
 REWARD_PATH = "rlhf_ray.bench.reward:letter_fraction"
 KL_COEF = 0.04  # TRL's usual GRPO beta; both sides compute reference log-probs with it

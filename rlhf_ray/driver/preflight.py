@@ -122,8 +122,8 @@ def check_output_dir(run_dir: Path) -> None:
 
 def check_cluster(cfg: RunConfig, resources: dict[str, float], nodes: list[dict] | None = None) -> None:
     """The run's actors fit the Ray cluster (as `ray.cluster_resources()`, `ray.nodes()`); else a ConfigError
-    naming each short resource, how much is needed and available, and the fix (see `rlhf_ray.plan`)."""
-    from rlhf_ray.plan import PlanError, make_plan
+    naming each short resource, how much is needed and available, and the fix (see `rlhf_ray.driver.plan`)."""
+    from rlhf_ray.driver.plan import PlanError, make_plan
 
     try:
         make_plan(cfg, resources, nodes)

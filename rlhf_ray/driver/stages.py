@@ -172,7 +172,7 @@ def stage_main(cfg: RunConfig, kind: str, run_dir: Path) -> dict[str, float]:
     from rlhf_ray.config import ConfigError, save_resolved
     from rlhf_ray.data import load_dataset
     from rlhf_ray.ray_utils import init_ray
-    from rlhf_ray.preflight import check_model_folder
+    from rlhf_ray.driver.preflight import check_model_folder
     from rlhf_ray.tracking import Tracker
 
     check_model_folder(cfg.model.policy_path, "model.policy_path")

@@ -16,7 +16,7 @@ from typing import Any
 
 from rlhf_ray.checkpoint import CheckpointWriter, latest_complete, step_of
 from rlhf_ray.config import RunConfig
-from rlhf_ray.driver import train
+from rlhf_ray.driver.loop import train
 from rlhf_ray.ray_utils import LearnerRankError
 
 log = logging.getLogger(__name__)

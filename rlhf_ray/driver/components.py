@@ -21,15 +21,15 @@ from transformers import AutoTokenizer
 from actors import RewardActor, ReferenceActor, RolloutPool
 from learners import LearnerGroup
 from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController
-from rlhf_ray.broadcast import WeightBroadcaster
+from rlhf_ray.driver.broadcaster import WeightBroadcaster
 from rlhf_ray.checkpoint import CheckpointWriter, capture_rng, latest_complete, load_state, restore_rng, save_state
 from rlhf_ray.config import RunConfig, save_resolved
 from rlhf_ray.data import Dataset, PromptSampler, load_dataset
-from rlhf_ray.plan import resource_requests, weight_sync_backend
-from rlhf_ray.preflight import check_cluster, preflight
+from rlhf_ray.driver.plan import resource_requests, weight_sync_backend
+from rlhf_ray.driver.preflight import check_cluster, preflight
 from rlhf_ray.ray_utils import get_with_timeout, init_ray
 from rlhf_ray.rewards import RewardNormalizer
-from rlhf_ray.step_guard import StepGuard
+from rlhf_ray.driver.step_guard import StepGuard
 from rlhf_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)

@@ -16,11 +16,11 @@ import torch
 
 from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController, masked_mean
 from rlhf_ray.config import RunConfig
-from rlhf_ray.elastic import apply_scaling, broadcast_replacing_dead, failure_metrics, log_failures
+from rlhf_ray.driver.recovery import apply_scaling, broadcast_replacing_dead, failure_metrics, log_failures
 from rlhf_ray.experience import make_experience
 from rlhf_ray.protocol import RolloutResult, collate
-from rlhf_ray.run import RunComponents, build_components, restore_checkpoint, save_checkpoint
-from rlhf_ray.step_guard import StepGuard, guard_rewards
+from rlhf_ray.driver.components import RunComponents, build_components, restore_checkpoint, save_checkpoint
+from rlhf_ray.driver.step_guard import StepGuard, guard_rewards
 
 log = logging.getLogger(__name__)
 

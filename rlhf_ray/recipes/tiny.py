@@ -28,7 +28,7 @@ from transformers import (
     Qwen2ForSequenceClassification,
 )
 
-from rlhf_ray import synthetic
+from rlhf_ray.recipes import synthetic
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf_ray.broadcast import BroadcastStats
+from rlhf_ray.driver.broadcaster import BroadcastStats
 from rlhf_ray.config import ConfigError
 from rlhf_ray.protocol import ActorFailure, RolloutResult
 from rlhf_ray.ray_utils import ActorCallError, LearnerRankError
 
 if TYPE_CHECKING:
-    from rlhf_ray.run import RunComponents
+    from rlhf_ray.driver.components import RunComponents
     from rlhf_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)

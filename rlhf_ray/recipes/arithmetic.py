@@ -17,12 +17,12 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from rlhf_ray.config import ConfigError, RunConfig
-from rlhf_ray.driver import train
+from rlhf_ray.driver.loop import train
 from rlhf_ray.prompts import format_prompt
 from rlhf_ray.ray_utils import init_ray
-from rlhf_ray.stages import run_sft
-from rlhf_ray.synthetic import arithmetic_rows
-from rlhf_ray.tiny import make_tiny
+from rlhf_ray.driver.stages import run_sft
+from rlhf_ray.recipes.synthetic import arithmetic_rows
+from rlhf_ray.recipes.tiny import make_tiny
 from rlhf_ray.tracking import Tracker
 
 EXACT_ANSWER = "rlhf_ray.rewards:exact_answer"

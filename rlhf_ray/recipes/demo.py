@@ -1,7 +1,7 @@
 """`make demo`: InstructGPT in miniature on a CPU — pretrain → SFT → comparisons → reward model → PPO.
 
-Everything is built here from nothing: a tokenizer and a tiny LM (`rlhf_ray.tiny`), a synthetic
-language and a hidden preference rule (`rlhf_ray.synthetic`). Labelers compare pairs of the SFT
+Everything is built here from nothing: a tokenizer and a tiny LM (`rlhf_ray.recipes.tiny`), a synthetic
+language and a hidden preference rule (`rlhf_ray.recipes.synthetic`). Labelers compare pairs of the SFT
 policy's answers under that rule with noise; the reward model learns from those labels only;
 PPO then optimises the policy against the reward model with a KL penalty to the SFT policy.
 At the end the hidden rule judges PPO against SFT on held-out prompts.
@@ -19,12 +19,12 @@ from typing import Any, Iterator
 from transformers import AutoTokenizer
 
 from rlhf_ray.config import DatasetConfig, RewardFunctionConfig, RunConfig
-from rlhf_ray.driver import train
-from rlhf_ray.evaluate import generate_texts
+from rlhf_ray.driver.loop import train
+from rlhf_ray.driver.evaluate import generate_texts
 from rlhf_ray.prompts import encode_prompt, format_prompt
 from rlhf_ray.ray_utils import init_ray
-from rlhf_ray.stages import run_pretrain, run_rm, run_sft, split_holdout
-from rlhf_ray.synthetic import (
+from rlhf_ray.driver.stages import run_pretrain, run_rm, run_sft, split_holdout
+from rlhf_ray.recipes.synthetic import (
     THINGS,
     edited_answer,
     hidden_score,
@@ -34,10 +34,10 @@ from rlhf_ray.synthetic import (
     prompt_rows,
     win_rate,
 )
-from rlhf_ray.tiny import make_tiny
+from rlhf_ray.recipes.tiny import make_tiny
 from rlhf_ray.tracking import Tracker
 
-HIDDEN_RULE = "rlhf_ray.rewards:hidden_rule"
+HIDDEN_RULE = "rlhf_ray.recipes.synthetic:hidden_rule"
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SIZES = {  # the embedded default: finishes in minutes on 2 cores
     "hidden_size": 128, "num_layers": 2, "pretrain_rows": 3000, "sft_rows": 2000, "comparison_prompts": 2000,

@@ -48,6 +48,11 @@ def hidden_score(prompt: str, response: str) -> float:
     return float(score - (len(qualities) - len(set(qualities))))
 
 
+def hidden_rule(prompt: str, response: str, row: dict) -> float:
+    """The hidden preference rule as a verifiable reward function (`hidden_score`; `row` is unused)."""
+    return hidden_score(prompt, response)
+
+
 def pretraining_corpus(num_sentences: int, seed: int) -> list[str]:
     """Plain sentences of the tiny language (no chat markup)."""
     rng = random.Random(seed)

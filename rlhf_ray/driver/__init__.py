@@ -1,0 +1,16 @@
+"""The driver side: it knows both the rollout actors and the learners, and nothing imports it but the CLI,
+the recipes and the benchmark.
+
+    loop.py         `train`: rollout -> reward -> reference -> advantages -> update -> broadcast,
+                    read top to bottom
+    components.py   building a run's actors and learners; saving and restoring its complete state
+    recovery.py     live scaling of the rollout pool, actors lost during a broadcast, failure records
+    broadcaster.py  the weight-sync group's life cycle and each broadcast, verified
+    step_guard.py   masked bad rewards, skipped non-finite updates, the consecutive-skip stop
+    stages.py       the supervised stages: pretraining, SFT, reward model
+    evaluate.py     `rlhf-ray eval`: prompt templates scored on held-out prompts
+    plan.py         config -> Ray resource requests, placement, transport and batch arithmetic
+    preflight.py    checks before anything heavy starts: versions, model folders, rewards, cluster
+    launch.py       `rlhf-ray submit`: a run on a Ray cluster through the Jobs API
+    supervisor.py   resuming from the last complete checkpoint when a learner rank dies
+"""
