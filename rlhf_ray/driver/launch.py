@@ -21,7 +21,7 @@ from packaging.requirements import Requirement
 
 from rlhf_ray.config import ConfigError, environment_secrets, load_config, redact
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXCLUDES = [".git/", ".venv/", "runs/", "wandb/", "__pycache__/", ".pytest_cache/", "*.egg-info/"]
 Installer = Literal["pip", "uv", "none"]
