@@ -27,11 +27,8 @@ def select_rows(batch: dict[str, Any], index: torch.Tensor | slice) -> dict[str,
 
 
 def split_rows(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
-    """Cut the N rows into `parts` equal consecutive shards, one per rank.
-
-    `protocol.split_batch` does the same for batches keyed by input_ids; this one also takes the
-    reward model's (chosen_*, rejected_*) pairs.
-    """
+    """Cut the N rows into `parts` equal consecutive shards, one per rank (any row tensors, the
+    reward model's (chosen_*, rejected_*) pairs included)."""
     n = num_rows(batch)
     if n % parts:
         raise ValueError(f"a batch of {n} rows cannot be split equally across {parts} ranks")

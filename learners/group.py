@@ -26,7 +26,7 @@ from rlhf_ray.ray_utils import ActorCallError, LearnerRankError, get_with_timeou
 from .batching import check_batch, num_rows, pad_rows, rank_rows, select_rows, split_rows
 from .models import ROLES, Role
 from .objectives import sft_targets
-from .worker import LearnerWorker
+from .worker import LearnerSpec, LearnerWorker
 
 Batch = dict[str, Any]
 LAYOUT = ("input_ids", "attention_mask", "position_ids", "response_mask", "prompt_len")
@@ -78,7 +78,7 @@ class LearnerGroup:
         self.names = [f"{role}-learner-{i}" for i in range(n)]
         self.workers = [
             actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i)).remote(
-                i, n, role, model_path, learner_cfg, model_cfg, self.algo, total_steps
+                LearnerSpec(i, n, role, model_path, learner_cfg, model_cfg, self.algo, total_steps)
             )
             for i in range(n)
         ]
@@ -282,10 +282,6 @@ class LearnerGroup:
     def load(self, path: str) -> None:
         """Restore what `save` wrote (the number of ranks and the ZeRO stage may differ)."""
         self.num_updates = int(self._all("load", path)[0].get("num_updates", 0))
-
-    def peak_rss_mib(self) -> list[float]:
-        """Peak resident memory of each rank's process, MiB."""
-        return self._all("peak_rss_mib")
 
     def shutdown(self) -> None:
         """Leave the process group, end the actors and free the placement group.

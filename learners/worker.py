@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-import resource
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterator
 
@@ -46,24 +46,28 @@ Batch = dict[str, Any]
 CHECKSUM_BUCKET_BYTES = 2**28
 
 
-class LearnerWorker:
-    """A DeepSpeed engine for `role` ("policy", "critic" or "reward") on rank `rank` of `world_size`."""
+@dataclass(frozen=True)
+class LearnerSpec:
+    """What one rank needs to build its engine: the one argument a LearnerWorker is created with."""
 
-    def __init__(
-        self,
-        rank: int,
-        world_size: int,
-        role: Role,
-        model_path: str,
-        learner_cfg: LearnerConfig,
-        model_cfg: ModelConfig,
-        algo_cfg: AlgorithmConfig,
-        total_steps: int | None,
-    ):
-        self.rank, self.world_size, self.role = rank, world_size, role
-        self.model_path, self.cfg, self.model_cfg, self.algo = model_path, learner_cfg, model_cfg, algo_cfg
-        self.total_steps = total_steps
-        self.on_gpu = torch.cuda.is_available() and learner_cfg.num_gpus_per_rank > 0
+    rank: int
+    world_size: int
+    role: Role  # "policy", "critic" or "reward"
+    model_path: str  # HF folder to start from
+    learner: LearnerConfig
+    model: ModelConfig
+    algorithm: AlgorithmConfig
+    total_steps: int | None  # optimizer steps the lr decays over (cosine after warm-up); None keeps the peak lr
+
+
+class LearnerWorker:
+    """A DeepSpeed engine for `spec.role` on rank `spec.rank` of `spec.world_size`."""
+
+    def __init__(self, spec: LearnerSpec):
+        self.rank, self.world_size, self.role = spec.rank, spec.world_size, spec.role
+        self.model_path, self.cfg, self.model_cfg, self.algo = spec.model_path, spec.learner, spec.model, spec.algorithm
+        self.total_steps = spec.total_steps
+        self.on_gpu = torch.cuda.is_available() and spec.learner.num_gpus_per_rank > 0
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
     def rendezvous(self) -> tuple[str, int]:
@@ -252,10 +256,6 @@ class LearnerWorker:
     def where(self) -> dict[str, str]:
         """The Ray node this rank runs on: {"node_id", "node_ip"}; also the group's liveness probe."""
         return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
-
-    def peak_rss_mib(self) -> float:
-        """Peak resident memory of this process, MiB."""
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def shutdown(self) -> None:
         if dist.is_initialized():

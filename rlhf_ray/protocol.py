@@ -97,14 +97,3 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         "prompt_len": torch.tensor(P),
     }
 
-
-def split_batch(batch: dict[str, Any], num_parts: int) -> list[dict[str, Any]]:
-    """Split every [N, ...] tensor into num_parts equal row chunks (N divisible by num_parts)."""
-    n = batch["input_ids"].shape[0]
-    if n % num_parts:
-        raise ValueError(f"batch of {n} rows cannot be split into {num_parts} equal parts")
-    k = n // num_parts
-    return [
-        {key: (v[i * k : (i + 1) * k] if torch.is_tensor(v) and v.dim() > 0 else v) for key, v in batch.items()}
-        for i in range(num_parts)
-    ]

@@ -14,12 +14,36 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import wandb
 
 from rlhf_ray.config import REDACTED, SECRET_KEY_PATTERN, TrackingConfig, environment_secrets, redact
+
+
+class StageTimer:
+    """Wall-clock seconds per named stage (summed when a stage repeats); `metrics()` names them `timing/<stage>_s`.
+
+    With a `title`, the stage is announced with a banner and its duration printed when it ends (the demo's stages).
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str, title: str | None = None) -> Iterator[None]:
+        if title:
+            print(f"\n=== {title} ===", flush=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+        if title:
+            print(f"({stage}: {self.seconds[stage]:.1f} s)", flush=True)
+
+    def metrics(self) -> dict[str, float]:
+        return {f"timing/{k}_s": v for k, v in self.seconds.items()}
 
 
 METRICS: dict[str, str] = {

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -21,24 +20,9 @@ from rlhf_ray.experience import make_experience
 from rlhf_ray.protocol import RolloutResult, collate
 from rlhf_ray.driver.components import RunComponents, build_components, restore_checkpoint, save_checkpoint
 from rlhf_ray.driver.step_guard import StepGuard, guard_rewards
+from rlhf_ray.tracking import StageTimer
 
 log = logging.getLogger(__name__)
-
-
-class StageTimer:
-    """Wall-clock seconds per named stage of one step (`timing/<stage>_s`)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-
-    def metrics(self) -> dict[str, float]:
-        return {f"timing/{k}_s": v for k, v in self.seconds.items()}
 
 
 def kl_controller(cfg: RunConfig) -> FixedKLController | AdaptiveKLController:
