@@ -34,6 +34,7 @@ from actors.rollout_actor import Request, RolloutActor, check_requests
 from rlhf_ray.config import ModelConfig, RolloutConfig, SamplingConfig
 from rlhf_ray.protocol import ActorFailure, RolloutResult, Sample
 from rlhf_ray.ray_utils import ActorCallError, get_with_timeout
+from rlhf_ray.sizing import ray_options, rollout_bundles
 
 log = logging.getLogger(__name__)
 
@@ -123,24 +124,23 @@ class RolloutPool:
         return min(range(os.cpu_count() or 1), key=lambda c: (taken.count(c), c))
 
     def _actor_options(self, core: int | None) -> tuple[dict, PlacementGroup | None]:
-        """Ray options for one actor, and the placement group it occupies (GPU only)."""
+        """Ray options for one actor, and the placement group it occupies (GPU only): the requests
+        `rlhf_ray.sizing` makes for `rlhf-ray plan`."""
         cfg = self.cfg
+        bundles = rollout_bundles(cfg)
         if cfg.num_gpus_per_actor == 0:
             env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
             if core is not None:
                 # Unpinned, every engine binds its OpenMP threads to the same cores.
                 env["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
-            options = {"num_cpus": cfg.num_cpus_per_actor, "resources": dict(cfg.resources)}
-            return options | {"runtime_env": {"env_vars": env}}, None
-        bundle = {"CPU": cfg.num_cpus_per_actor, "GPU": cfg.num_gpus_per_actor, **cfg.resources}
-        pg = placement_group([bundle] * cfg.tensor_parallel_size, strategy="STRICT_PACK")
+            return ray_options(bundles[0]) | {"runtime_env": {"env_vars": env}}, None
+        pg = placement_group(bundles, strategy="STRICT_PACK")
         ray.get(pg.ready(), timeout=cfg.call_timeout_s)
         strategy = PlacementGroupSchedulingStrategy(
             placement_group=pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
         )
         if cfg.tensor_parallel_size == 1:
-            options = {"num_cpus": cfg.num_cpus_per_actor, "num_gpus": cfg.num_gpus_per_actor}
-            return options | {"resources": dict(cfg.resources), "scheduling_strategy": strategy}, pg
+            return ray_options(bundles[0]) | {"scheduling_strategy": strategy}, pg
         # tp > 1: the actor only drives the engine; vLLM's Ray workers take the bundles' GPUs.
         return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": strategy}, pg
 

@@ -25,11 +25,12 @@ from rlhf_ray.driver.broadcaster import WeightBroadcaster
 from rlhf_ray.checkpoint import CheckpointWriter, capture_rng, latest_complete, load_state, restore_rng, save_state
 from rlhf_ray.config import RunConfig, save_resolved
 from rlhf_ray.data import PromptSampler, load_dataset
-from rlhf_ray.driver.plan import resource_requests, weight_sync_backend
+from rlhf_ray.driver.plan import weight_sync_backend
 from rlhf_ray.driver.preflight import check_cluster, preflight
 from rlhf_ray.ray_utils import get_with_timeout, init_ray
 from rlhf_ray.rewards import RewardNormalizer
 from rlhf_ray.driver.step_guard import StepGuard
+from rlhf_ray.sizing import batch_math, resource_requests
 from rlhf_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,6 @@ class RemoteCall:
         return call
 
 
-def total_policy_updates(cfg: RunConfig) -> int:
-    samples = cfg.train.prompts_per_step * cfg.rollout.sampling.n
-    return cfg.train.steps * cfg.learner.ppo_epochs * (samples // cfg.learner.minibatch_size)
-
-
 def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
     """Start Ray and every actor of an RL run; writes the resolved config into `run_dir`."""
     preflight(cfg, run_dir)
@@ -95,13 +91,14 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
     try:
         pool = RolloutPool(cfg.model, cfg.rollout)
         closers.append(pool.shutdown)
-        policy = LearnerGroup("policy", cfg.model.policy_path, cfg.learner, cfg.model, cfg.algorithm, total_policy_updates(cfg))
+        total_updates = batch_math(cfg).optimizer_steps_per_run
+        policy = LearnerGroup("policy", cfg.model.policy_path, cfg.learner, cfg.model, cfg.algorithm, total_updates)
         closers.append(policy.shutdown)
         critic = None
         if cfg.algorithm.uses_critic:
             critic_start = cfg.model.reward_path or cfg.model.policy_path
             critic_cfg = cfg.learner.model_copy(update={"lr": cfg.learner.critic_lr})
-            critic = LearnerGroup("critic", critic_start, critic_cfg, cfg.model, cfg.algorithm, total_policy_updates(cfg))
+            critic = LearnerGroup("critic", critic_start, critic_cfg, cfg.model, cfg.algorithm, total_updates)
             closers.append(critic.shutdown)
         timeout = cfg.rollout.call_timeout_s
         requests = {r.name: r.ray_options() for r in resource_requests(cfg)}  # what `rlhf-ray plan` shows

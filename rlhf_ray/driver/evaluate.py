@@ -13,6 +13,7 @@ from actors import RewardActor, RolloutPool
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data import load_dataset
 from rlhf_ray.ray_utils import get_with_timeout, init_ray
+from rlhf_ray.sizing import resource_requests
 
 TEMPLATES = ("zero_shot", "few_shot", "cot")
 
@@ -31,7 +32,8 @@ def generate_texts(cfg: RunConfig, model_path: str, prompt_ids: list[list[int]],
 def score_texts(cfg: RunConfig, prompt_ids: list[list[int]], prompts: list[str], responses: list[str],
                 rows: list[dict], tokenizer: Any) -> dict[str, float]:
     """Mean of each reward source (`reward/<source>_mean`) over (prompt, response) pairs."""
-    handle = ray.remote(num_cpus=cfg.reward.num_cpus)(RewardActor).remote(cfg.model, cfg.reward)
+    request = next(r for r in resource_requests(cfg) if r.name == "reward")
+    handle = ray.remote(RewardActor).options(**request.ray_options()).remote(cfg.model, cfg.reward)
     try:
         seqs = [p + tokenizer(r, add_special_tokens=False)["input_ids"] for p, r in zip(prompt_ids, responses)]
         out = get_with_timeout([handle.score.remote(seqs, prompts, responses, rows)], ["reward"], "eval scoring",
