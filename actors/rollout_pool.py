@@ -350,14 +350,7 @@ class RolloutPool:
         self._in_flight -= set(names)
         self._stop([m for m, _ in lost])
         where = ", ".join(f"{m.name} on node {m.node_ip} ({m.node_id[:12]})" for m, _ in lost)
-        limit = self.cfg.max_replacements
-        if self.replacements + already_dead + len(lost) > limit:
-            raise ActorCallError(
-                f"rollout step {pending.step}: {where} died and rollout.max_replacements={limit} replacements "
-                f"are used up ({self.replacements + already_dead} made). Raise rollout.max_replacements, or look "
-                "for the cause in the actor's log in the Ray session's logs folder",
-                names,
-            )
+        self._check_budget(f"rollout step {pending.step}: {where}", names, already_dead)
         n = pending.sampling.n
         log.warning(
             "rollout step %d: %s died; re-dispatching its %d sample(s) to %s", pending.step, where,
@@ -371,16 +364,19 @@ class RolloutPool:
 
         Raises ActorCallError, naming them, when that would exceed `rollout.max_replacements`.
         """
-        limit = self.cfg.max_replacements
-        if self.replacements + len(names) > limit:
-            raise ActorCallError(
-                f"{', '.join(names)} died and rollout.max_replacements={limit} replacements are used up "
-                f"({self.replacements} made). Raise rollout.max_replacements, or look for the cause in the "
-                "actor's log in the Ray session's logs folder",
-                names, names,
-            )
+        self._check_budget(", ".join(names), names)
         self.discard(names)
         return self._add_replacements(len(names))
+
+    def _check_budget(self, who: str, names: list[str], already_dead: int = 0) -> None:
+        """Raise ActorCallError when replacing `names` (after `already_dead` more) exceeds rollout.max_replacements."""
+        made, limit = self.replacements + already_dead, self.cfg.max_replacements
+        if made + len(names) > limit:
+            raise ActorCallError(
+                f"{who} died and rollout.max_replacements={limit} replacements are used up ({made} made). Raise "
+                "rollout.max_replacements, or look for the cause in the actor's log in the Ray session's logs folder",
+                names, names,
+            )
 
     def _add_replacements(self, k: int) -> list[str]:
         """Start k actors in place of dead ones (already dropped), at the current weights and version; counts them."""

@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.algorithms import sft_loss
 from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
-from rlhf_ray.protocol import LAYOUT_FIELDS as LAYOUT
+from rlhf_ray.protocol import LAYOUT_FIELDS
 from rlhf_ray.protocol import Experience, missing_experience_fields
 from rlhf_ray.protocol import TensorBatch as Batch
 from rlhf_ray.ray_utils import ActorCallError, LearnerRankError, get_with_timeout
@@ -177,13 +177,13 @@ class LearnerGroup:
     def compute_logprobs(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
         """log softmax(logits / temperature) of the sampled response tokens: [N, R] fp32 nats, 0 on padding."""
         self._require("policy", "compute_logprobs")
-        check_batch(batch, LAYOUT)
+        check_batch(batch, LAYOUT_FIELDS)
         return self._forward("forward_logprobs", batch, temperature)
 
     def compute_values(self, batch: Batch) -> torch.Tensor:
         """Critic value of the state before each response token: [N, R] fp32, 0 on padding."""
         self._require("critic", "compute_values")
-        check_batch(batch, LAYOUT)
+        check_batch(batch, LAYOUT_FIELDS)
         return self._forward("forward_values", batch)
 
     def compute_rewards(self, batch: Batch) -> torch.Tensor:
@@ -237,7 +237,7 @@ class LearnerGroup:
         Returns train/value_loss, value_clipfrac, values_mean, grad_norm, lr, skipped_steps.
         """
         self._require("critic", "value_update")
-        check_batch(experience, LAYOUT + ("returns", "old_values"))
+        check_batch(experience, LAYOUT_FIELDS + ("returns", "old_values"))
         return self._train("value_update", experience)
 
     def sft_step(self, batch: Batch) -> dict[str, float]:
