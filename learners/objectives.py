@@ -76,7 +76,9 @@ def ppo_objective(model: torch.nn.Module, micro: Batch, algo: AlgorithmConfig, t
         entropy = aggregate(entropy_from_logits(logits), mask, algo.loss_agg)
     loss = pg - algo.entropy_coef * entropy
     kl = aggregate(kl_estimate(logp, micro["ref_logprobs"] * mask, algo.kl.estimator), mask, algo.loss_agg)
-    loss = loss + float(micro["kl_coef"]) * kl
+    kl_coef = float(micro["kl_coef"])
+    if kl_coef:  # 0 * an overflowing estimate would still be NaN
+        loss = loss + kl_coef * kl
     stats = {
         "policy_loss": float(pg.detach()),
         "entropy": float(entropy.detach()),
