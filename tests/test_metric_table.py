@@ -63,7 +63,7 @@ def _stages(tiny_model_dir: Path, tmp: Path) -> set[str]:
 
     policy = str(tiny_model_dir / "policy")
     cfg = load_config(None, [
-        f"model.policy_path={policy}", "model.max_model_len=64", "cluster.num_cpus=8",
+        f"model.policy_path={policy}", "model.max_model_len=64", "rollout.sampling.max_new_tokens=16", "cluster.num_cpus=8",
         *(f"{stage}.{k}" for stage in ("pretrain", "sft", "rm") for k in ("batch_size=4", "max_len=48")),
         "reward.use_model=false", f"reward.functions=[{{path: '{BREVITY}'}}]",
     ])
