@@ -157,9 +157,12 @@ def _documented_as(name: str) -> str | None:
     return None
 
 
+RECORD_FIELDS = ("step", "time")  # what every metrics.jsonl line carries besides the metrics
+
+
 def undocumented(names: Iterable[str]) -> list[str]:
-    """The logged metric names (not `step`) with no entry in METRICS, sorted."""
-    return sorted(n for n in set(names) if n != "step" and _documented_as(n) is None)
+    """The logged metric names (not the RECORD_FIELDS) with no entry in METRICS, sorted."""
+    return sorted(n for n in set(names) if n not in RECORD_FIELDS and _documented_as(n) is None)
 
 
 def documented_entries(names: Iterable[str]) -> set[str]:
