@@ -18,7 +18,7 @@ class RewardActor:
     Decorate with `ray.remote` at creation.
     """
 
-    def __init__(self, model_cfg: ModelConfig, reward_cfg: RewardConfig, kv_cache_space_gib: float = 0.5):
+    def __init__(self, model_cfg: ModelConfig, reward_cfg: RewardConfig):
         self.cfg = reward_cfg
         self.functions = [(f, load_reward_fn(f.path)) for f in reward_cfg.functions]
         self.llm = None
@@ -38,7 +38,7 @@ class RewardActor:
                 gpu_memory_utilization=0.3,
                 enforce_eager=True,
                 # Not VLLM_CPU_KVCACHE_SPACE: vLLM parses it as whole GiB.
-                kv_cache_memory_bytes=int(kv_cache_space_gib * 2**30),
+                kv_cache_memory_bytes=int(reward_cfg.kv_cache_space_gib * 2**30),
             )
 
     def model_scores(self, sequences: list[list[int]]) -> list[float]:

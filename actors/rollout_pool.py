@@ -4,13 +4,15 @@ The pool places the actors (pinned CPU cores, or a placement group of tensor-par
 bundles), splits a batch across them balanced by expected tokens, gathers the samples back in
 prompt order, and grows or shrinks between calls. Weights reach the actors through the
 weight-broadcast layer (`rlhf_ray.driver.broadcaster`), which loads them into every actor of `pool.actors`
-and then sets `pool.version`; an actor joining later is brought to that version by
-`add_actors(k, weights=...)` before it serves.
+and then sets `pool.version`; an actor joining later loads the current weights (from
+`pool.current_weights`, the learners' export) before it serves, and joins the weight-sync group
+at the next broadcast.
 
-Failures. An actor that dies during a generate call loses no sample: `collect` gives its
-requests to the surviving actors (same per-prompt seeds, so the same samples), then starts a
-replacement through `pool.joiner` (the weight-broadcast layer's joining path, so it serves the
-current weights and version), up to `rollout.max_replacements` times per run. A hung actor is
+Failures. The pool is the one owner of rollout-actor death: its members, their replacements and
+the count against `rollout.max_replacements`. An actor that dies during a generate call loses no
+sample: `collect` gives its requests to the surviving actors (same per-prompt seeds, so the same
+samples), then `replace_dead` starts one in its place at the current weights and version. An actor
+the weight broadcast finds dead is replaced through the same `replace_dead`. A hung actor is
 named by the per-call timeout.
 """
 
@@ -32,6 +34,7 @@ from actors.rollout_actor import Request, RolloutActor, check_requests
 from rlhf_ray.config import ModelConfig, RolloutConfig, SamplingConfig
 from rlhf_ray.protocol import ActorFailure, RolloutResult, Sample
 from rlhf_ray.ray_utils import ActorCallError, get_with_timeout
+from rlhf_ray.sizing import ray_options, rollout_bundles
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +92,9 @@ class RolloutPool:
         self.version = 0  # policy version every actor serves; set by the weight-broadcast layer
         self._next_index = 0  # names are never reused, so logs stay unambiguous
         self.step = 0  # generate calls so far; enters the per-prompt seeds (a resumed run restores it)
-        # Adds k actors serving the current weights and version (WeightBroadcaster.add_actors); without
-        # one, replacements start from the checkpoint, which is only right while version == 0.
-        self.joiner: Callable[[int], list[str]] | None = None
+        # The learners' current weights (HF-named tensors of `version`), for actors that join later;
+        # without it a new actor can only start from the checkpoint, which is right only at version 0.
+        self.current_weights: Callable[[], list[tuple[str, torch.Tensor]]] | None = None
         self.replacements = 0  # dead actors replaced so far, against rollout.max_replacements
         self._in_flight: set[str] = set()  # actors with a submitted batch not yet collected
         self._retiring: list[Member] = []  # removed while busy: stopped once their batch is collected
@@ -121,24 +124,23 @@ class RolloutPool:
         return min(range(os.cpu_count() or 1), key=lambda c: (taken.count(c), c))
 
     def _actor_options(self, core: int | None) -> tuple[dict, PlacementGroup | None]:
-        """Ray options for one actor, and the placement group it occupies (GPU only)."""
+        """Ray options for one actor, and the placement group it occupies (GPU only): the requests
+        `rlhf_ray.sizing` makes for `rlhf-ray plan`."""
         cfg = self.cfg
+        bundles = rollout_bundles(cfg)
         if cfg.num_gpus_per_actor == 0:
             env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
             if core is not None:
                 # Unpinned, every engine binds its OpenMP threads to the same cores.
                 env["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
-            options = {"num_cpus": cfg.num_cpus_per_actor, "resources": dict(cfg.resources)}
-            return options | {"runtime_env": {"env_vars": env}}, None
-        bundle = {"CPU": cfg.num_cpus_per_actor, "GPU": cfg.num_gpus_per_actor, **cfg.resources}
-        pg = placement_group([bundle] * cfg.tensor_parallel_size, strategy="STRICT_PACK")
+            return ray_options(bundles[0]) | {"runtime_env": {"env_vars": env}}, None
+        pg = placement_group(bundles, strategy="STRICT_PACK")
         ray.get(pg.ready(), timeout=cfg.call_timeout_s)
         strategy = PlacementGroupSchedulingStrategy(
             placement_group=pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
         )
         if cfg.tensor_parallel_size == 1:
-            options = {"num_cpus": cfg.num_cpus_per_actor, "num_gpus": cfg.num_gpus_per_actor}
-            return options | {"resources": dict(cfg.resources), "scheduling_strategy": strategy}, pg
+            return ray_options(bundles[0]) | {"scheduling_strategy": strategy}, pg
         # tp > 1: the actor only drives the engine; vLLM's Ray workers take the bundles' GPUs.
         return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": strategy}, pg
 
@@ -182,7 +184,8 @@ class RolloutPool:
 
         Once the pool serves a version above 0 (weights changed since the checkpoint), the current
         weights must come along: `weights` (HF-named tensors) of `version`, which must equal
-        `pool.version`. New actors load them before they join, so none serves stale weights.
+        `pool.version`, or else those of `pool.current_weights()`. New actors load them before they
+        join, so none serves stale weights.
         """
         if k < 1:
             raise ValueError(f"add_actors(k={k}): k must be at least 1")
@@ -190,10 +193,13 @@ class RolloutPool:
         if version != self.version:
             raise ValueError(f"weights of version {version} cannot join a pool serving version {self.version}")
         if weights is None and self.version > 0:
-            raise ValueError(
-                f"the pool serves policy version {self.version}, but new actors would start from the checkpoint "
-                "(version 0); pass the current weights: add_actors(k, weights=..., version=pool.version)"
-            )
+            if self.current_weights is None:
+                raise ValueError(
+                    f"the pool serves policy version {self.version}, but new actors would start from the checkpoint "
+                    "(version 0); pass the current weights: add_actors(k, weights=..., version=pool.version), "
+                    "or set pool.current_weights (e.g. to the policy learner group's export_weights)"
+                )
+            weights = self.current_weights()
         new = self._launch(k)
         if weights is not None:
             refs = [m.actor.update_weights.remote(weights, version) for m in new]
@@ -274,15 +280,13 @@ class RolloutPool:
             detected = detected or time.perf_counter()
             dead += self._forget(lost, pending, len(dead))
             if not self.members:  # nobody left to re-dispatch to: replace first
-                replaced += self._replace(len(dead) - len(replaced))
+                replaced += self._add_replacements(len(dead) - len(replaced))
             requests = sorted((r for _, part in lost for r in part), key=lambda r: r[0])
             round_ = self._dispatch(requests, pending.sampling, pending.step)
         self._settle_in_flight()
         regenerated = time.perf_counter() - detected
         if len(dead) > len(replaced):
-            # Only now: replacements join the weight-sync group with every member, and a member
-            # answers the join only after its generate call.
-            replaced += self._replace(len(dead) - len(replaced))
+            replaced += self._add_replacements(len(dead) - len(replaced))
         recovered = time.perf_counter() - detected
         failures = [
             ActorFailure(m.name, m.node_id, m.node_ip, pending.step, n_lost, new, regenerated, recovered)
@@ -346,14 +350,7 @@ class RolloutPool:
         self._in_flight -= set(names)
         self._stop([m for m, _ in lost])
         where = ", ".join(f"{m.name} on node {m.node_ip} ({m.node_id[:12]})" for m, _ in lost)
-        limit = self.cfg.max_replacements
-        if self.replacements + already_dead + len(lost) > limit:
-            raise ActorCallError(
-                f"rollout step {pending.step}: {where} died and rollout.max_replacements={limit} replacements "
-                f"are used up ({self.replacements + already_dead} made). Raise rollout.max_replacements, or look "
-                "for the cause in the actor's log in the Ray session's logs folder",
-                names,
-            )
+        self._check_budget(f"rollout step {pending.step}: {where}", names, already_dead)
         n = pending.sampling.n
         log.warning(
             "rollout step %d: %s died; re-dispatching its %d sample(s) to %s", pending.step, where,
@@ -361,11 +358,31 @@ class RolloutPool:
         )
         return [(m, len(part) * n) for m, part in lost]
 
-    def _replace(self, k: int) -> list[str]:
-        """Start k actors in place of dead ones, at the current weights and version."""
-        names = self.joiner(k) if self.joiner is not None else self.add_actors(k)
+    def replace_dead(self, names: list[str]) -> list[str]:
+        """Stop the named actors (found dead outside a generate call, e.g. by the weight broadcast) and
+        start as many in their place at the current weights and version; returns the new names.
+
+        Raises ActorCallError, naming them, when that would exceed `rollout.max_replacements`.
+        """
+        self._check_budget(", ".join(names), names)
+        self.discard(names)
+        return self._add_replacements(len(names))
+
+    def _check_budget(self, who: str, names: list[str], already_dead: int = 0) -> None:
+        """Raise ActorCallError when replacing `names` (after `already_dead` more) exceeds rollout.max_replacements."""
+        made, limit = self.replacements + already_dead, self.cfg.max_replacements
+        if made + len(names) > limit:
+            raise ActorCallError(
+                f"{who} died and rollout.max_replacements={limit} replacements are used up ({made} made). Raise "
+                "rollout.max_replacements, or look for the cause in the actor's log in the Ray session's logs folder",
+                names, names,
+            )
+
+    def _add_replacements(self, k: int) -> list[str]:
+        """Start k actors in place of dead ones (already dropped), at the current weights and version; counts them."""
+        new = self.add_actors(k)
         self.replacements += k
-        return names
+        return new
 
     def _settle_in_flight(self) -> None:
         """After a batch is gathered: stop the actors removed while they were generating it."""

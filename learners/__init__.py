@@ -4,6 +4,6 @@
 """
 
 from .group import LearnerGroup
-from .worker import LearnerWorker
+from .worker import LearnerSpec, LearnerWorker
 
-__all__ = ["LearnerGroup", "LearnerWorker"]
+__all__ = ["LearnerGroup", "LearnerSpec", "LearnerWorker"]

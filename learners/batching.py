@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-PER_TOKEN = ("old_logprobs", "advantages", "ref_logprobs", "rollout_logprobs", "returns", "old_values")
+from rlhf_ray.protocol import PER_TOKEN_FIELDS
 
 
 def num_rows(batch: dict[str, Any]) -> int:
@@ -27,11 +27,8 @@ def select_rows(batch: dict[str, Any], index: torch.Tensor | slice) -> dict[str,
 
 
 def split_rows(batch: dict[str, Any], parts: int) -> list[dict[str, Any]]:
-    """Cut the N rows into `parts` equal consecutive shards, one per rank.
-
-    `protocol.split_batch` does the same for batches keyed by input_ids; this one also takes the
-    reward model's (chosen_*, rejected_*) pairs.
-    """
+    """Cut the N rows into `parts` equal consecutive shards, one per rank (any row tensors, the
+    reward model's (chosen_*, rejected_*) pairs included)."""
     n = num_rows(batch)
     if n % parts:
         raise ValueError(f"a batch of {n} rows cannot be split equally across {parts} ranks")
@@ -59,11 +56,11 @@ def pad_rows(batch: dict[str, Any], multiple: int) -> tuple[dict[str, Any], int]
     return select_rows(batch, index), n
 
 
-def check_batch(batch: dict[str, Any], required: tuple[str, ...] = (), per_token: tuple[str, ...] = PER_TOKEN) -> None:
+def check_batch(batch: dict[str, Any], required: tuple[str, ...] = (), per_token: tuple[str, ...] = PER_TOKEN_FIELDS) -> None:
     """Raise ValueError naming the field and shapes unless `batch` is in the training layout.
 
     input_ids, attention_mask (and position_ids if present) [N, P+R]; response_mask and every
-    per-token field present [N, R]; prompt_len a 0-d tensor P with 1 <= P and P + R <= P+R columns.
+    per-token field present (and not None) [N, R]; prompt_len a 0-d tensor P with 1 <= P and P + R <= P+R columns.
     """
     missing = [k for k in required if k not in batch]
     if missing:
@@ -86,7 +83,7 @@ def check_batch(batch: dict[str, Any], required: tuple[str, ...] = (), per_token
             "(need 1 <= prompt_len and prompt_len + R <= width)"
         )
     for key in per_token:
-        if key in batch and tuple(batch[key].shape) != tuple(mask.shape):
+        if batch.get(key) is not None and tuple(batch[key].shape) != tuple(mask.shape):
             raise ValueError(
                 f"{key} has shape {tuple(batch[key].shape)} but response_mask has shape {tuple(mask.shape)}; "
                 "per-token fields must be [N, R]"

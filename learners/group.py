@@ -21,15 +21,17 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.algorithms import sft_loss
 from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from rlhf_ray.protocol import LAYOUT_FIELDS
+from rlhf_ray.protocol import Experience, missing_experience_fields
+from rlhf_ray.protocol import TensorBatch as Batch
 from rlhf_ray.ray_utils import ActorCallError, LearnerRankError, get_with_timeout
+from rlhf_ray.sizing import learner_rank_request, optimizer_steps, ray_options
 
 from .batching import check_batch, num_rows, pad_rows, rank_rows, select_rows, split_rows
 from .models import ROLES, Role
 from .objectives import sft_targets
-from .worker import LearnerWorker
+from .worker import LearnerSpec, LearnerWorker
 
-Batch = dict[str, Any]
-LAYOUT = ("input_ids", "attention_mask", "position_ids", "response_mask", "prompt_len")
 SHUTDOWN_WAIT_S = 10.0
 PROBE_WAIT_S = 5.0  # a rank stuck in a collective does not answer; only an answered death counts
 RM_PAIR = ("chosen_input_ids", "chosen_attention_mask", "rejected_input_ids", "rejected_attention_mask")
@@ -62,8 +64,7 @@ class LearnerGroup:
         self.algo = algo_cfg or AlgorithmConfig()
         self.num_updates = 0  # seeds the minibatch shuffle of each update
         n, cfg = learner_cfg.num_ranks, learner_cfg
-        gpu = {"GPU": cfg.num_gpus_per_rank} if cfg.num_gpus_per_rank else {}
-        bundle = {"CPU": cfg.num_cpus_per_rank, **gpu, **cfg.resources}
+        bundle = learner_rank_request(cfg)  # as `rlhf-ray plan` shows it
         self.placement_group = placement_group([bundle] * n, strategy="PACK")
         ready, _ = ray.wait([self.placement_group.ready()], timeout=cfg.call_timeout_s)
         if not ready:
@@ -72,13 +73,11 @@ class LearnerGroup:
                 f"{role} learner group: {n} bundles of {bundle} could not be placed within "
                 f"{cfg.call_timeout_s:.0f}s; the cluster has {ray.available_resources()} available"
             )
-        actor_cls = ray.remote(
-            num_cpus=cfg.num_cpus_per_rank, num_gpus=cfg.num_gpus_per_rank, resources=cfg.resources or None
-        )(LearnerWorker)
+        actor_cls = ray.remote(**ray_options(bundle))(LearnerWorker)
         self.names = [f"{role}-learner-{i}" for i in range(n)]
         self.workers = [
             actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i)).remote(
-                i, n, role, model_path, learner_cfg, model_cfg, self.algo, total_steps
+                LearnerSpec(i, n, role, model_path, learner_cfg, model_cfg, self.algo, total_steps)
             )
             for i in range(n)
         ]
@@ -178,13 +177,13 @@ class LearnerGroup:
     def compute_logprobs(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
         """log softmax(logits / temperature) of the sampled response tokens: [N, R] fp32 nats, 0 on padding."""
         self._require("policy", "compute_logprobs")
-        check_batch(batch, LAYOUT)
+        check_batch(batch, LAYOUT_FIELDS)
         return self._forward("forward_logprobs", batch, temperature)
 
     def compute_values(self, batch: Batch) -> torch.Tensor:
         """Critic value of the state before each response token: [N, R] fp32, 0 on padding."""
         self._require("critic", "compute_values")
-        check_batch(batch, LAYOUT)
+        check_batch(batch, LAYOUT_FIELDS)
         return self._forward("forward_values", batch)
 
     def compute_rewards(self, batch: Batch) -> torch.Tensor:
@@ -202,23 +201,28 @@ class LearnerGroup:
 
     # ------------------------------------------------------------------ updates
 
-    def ppo_update(self, experience: Batch, temperature: float = 1.0) -> dict[str, float]:
+    def ppo_update(self, experience: Experience, temperature: float = 1.0) -> dict[str, float]:
         """algo.ppo_epochs x (N / minibatch_size) policy steps on the experience.
 
-        experience: the collated batch + old_logprobs, advantages [N, R]; optionally ref_logprobs
-        and kl_coef (a 0-d tensor; KL enters the loss when algo.kl.placement == "loss") and
-        rollout_logprobs (truncated importance weight when algo.tis_cap is set). `temperature`
-        must be the one the old log-probs were computed at. Without old_logprobs the update must
-        be one optimizer step (ppo_epochs 1, minibatch_size N): its own log-probs, detached, are
-        the old ones, and with rollout_logprobs it also returns train/logprob_diff_mean (nats/token)
-        and train/logprob_diff_max (nats), |learner - vLLM| on the sampled tokens.
+        experience: a `protocol.Experience` (kl_coef weighs KL(pi || ref) in the loss; rollout_logprobs
+        give the truncated importance weight when algo.tis_cap is set). `temperature` must be the one
+        the old log-probs were computed at. With old_logprobs None the update must be one optimizer
+        step (ppo_epochs 1, minibatch_size N): its own log-probs, detached, are the old ones, and it
+        also returns train/logprob_diff_mean (nats/token) and train/logprob_diff_max (nats),
+        |learner - vLLM| on the sampled tokens.
         Returns train/policy_loss, clipfrac, approx_kl (nats/token), entropy (nats/token),
         kl_loss (nats), grad_norm (before clipping), lr, skipped_steps.
         """
         self._require("policy", "ppo_update")
-        check_batch(experience, LAYOUT + ("advantages",))
-        steps = self.cfg.ppo_epochs * num_rows(experience) // self.cfg.minibatch_size
-        if "old_logprobs" not in experience and steps != 1:
+        missing = missing_experience_fields(experience)
+        if missing:
+            raise ValueError(
+                f"experience is missing {missing}; it has {sorted(experience)}. Build it with "
+                "rlhf_ray.experience.make_experience (old_logprobs may be None, but must be given)"
+            )
+        check_batch(experience)
+        steps = optimizer_steps(num_rows(experience), self.cfg.minibatch_size, self.cfg.ppo_epochs)
+        if experience["old_logprobs"] is None and steps != 1:
             raise ValueError(
                 f"ppo_update without old_logprobs takes the policy's own log-probs as the old ones, which is exact "
                 f"only for one optimizer step, but learner.ppo_epochs={self.cfg.ppo_epochs} × {num_rows(experience)} "
@@ -233,7 +237,7 @@ class LearnerGroup:
         Returns train/value_loss, value_clipfrac, values_mean, grad_norm, lr, skipped_steps.
         """
         self._require("critic", "value_update")
-        check_batch(experience, LAYOUT + ("returns", "old_values"))
+        check_batch(experience, LAYOUT_FIELDS + ("returns", "old_values"))
         return self._train("value_update", experience)
 
     def sft_step(self, batch: Batch) -> dict[str, float]:
@@ -282,10 +286,6 @@ class LearnerGroup:
     def load(self, path: str) -> None:
         """Restore what `save` wrote (the number of ranks and the ZeRO stage may differ)."""
         self.num_updates = int(self._all("load", path)[0].get("num_updates", 0))
-
-    def peak_rss_mib(self) -> list[float]:
-        """Peak resident memory of each rank's process, MiB."""
-        return self._all("peak_rss_mib")
 
     def shutdown(self) -> None:
         """Leave the process group, end the actors and free the placement group.

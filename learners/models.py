@@ -90,7 +90,7 @@ def token_values(model: ScalarHeadModel, batch: dict[str, torch.Tensor]) -> torc
 def sequence_scores(model: ScalarHeadModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Score at each row's last real token: [N] fp32, rows left- or right-padded.
 
-    The same token vLLM's pooling runner scores, as `rlhf_ray.modeling.last_token_scores` does.
+    The same token vLLM's pooling runner scores for the unpadded sequence.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     scores = model(input_ids, attention_mask, position_ids)

@@ -28,10 +28,10 @@ from rlhf_ray.algorithms import (
 )
 from rlhf_ray.config import AlgorithmConfig
 from rlhf_ray.modeling import response_logits
+from rlhf_ray.protocol import TensorBatch as Batch
 
 from .models import sequence_scores, token_values
 
-Batch = dict[str, Any]
 Result = tuple[torch.Tensor, dict[str, float]]
 
 
@@ -49,13 +49,13 @@ def tokens_or_rows(algo: AlgorithmConfig) -> Callable[[Batch], float]:
 
 
 def ppo_objective(model: torch.nn.Module, micro: Batch, algo: AlgorithmConfig, temperature: float) -> Result:
-    """Clipped policy loss - entropy_coef * entropy (+ kl_coef * KL(pi || ref) when algo.kl.placement == "loss").
+    """Clipped policy loss - entropy_coef * entropy + kl_coef * KL(pi || ref).
 
-    micro: response_mask, advantages [n, R]; old_logprobs [n, R], or none for a single on-policy
-    optimizer step, whose old log-probs are this forward's own, detached (the stats then also hold
-    logprob_diff_mean/_max, |learner - vLLM| over the sampled tokens, nats/token and nats);
-    optionally ref_logprobs and kl_coef (a 0-d tensor), rollout_logprobs (vLLM's, for the truncated
-    importance weight when algo.tis_cap is set).
+    micro: rows of a `protocol.Experience`: response_mask, advantages, ref_logprobs, rollout_logprobs
+    (vLLM's, for the truncated importance weight when algo.tis_cap is set) [n, R]; kl_coef (0-d,
+    0 when the KL is in the reward: `make_experience` decides); old_logprobs [n, R], or None for a
+    single on-policy optimizer step, whose old log-probs are this forward's own, detached (the stats
+    then also hold logprob_diff_mean/_max, |learner - vLLM| over the sampled tokens, nats/token and nats).
     """
     mask = micro["response_mask"]
     logits = response_logits(model, micro)
@@ -63,9 +63,10 @@ def ppo_objective(model: torch.nn.Module, micro: Batch, algo: AlgorithmConfig, t
         logits = logits / temperature
     # Masking log-probs keeps padding finite in exp() of the ratio and the KL estimators.
     logp = logprobs_from_logits(logits, response_tokens(micro)) * mask
-    old_logp = micro["old_logprobs"] if "old_logprobs" in micro else logp.detach()
+    own_old = micro["old_logprobs"] is None
+    old_logp = logp.detach() if own_old else micro["old_logprobs"]
     is_weight = None
-    if algo.tis_cap is not None and "rollout_logprobs" in micro:
+    if algo.tis_cap is not None:
         is_weight = truncated_importance_weight(old_logp, micro["rollout_logprobs"], mask, algo.tis_cap)
     pg, pg_stats = policy_loss(
         logp, old_logp, micro["advantages"], mask,
@@ -74,11 +75,10 @@ def ppo_objective(model: torch.nn.Module, micro: Batch, algo: AlgorithmConfig, t
     with torch.set_grad_enabled(algo.entropy_coef > 0 and torch.is_grad_enabled()):
         entropy = aggregate(entropy_from_logits(logits), mask, algo.loss_agg)
     loss = pg - algo.entropy_coef * entropy
-    kl = torch.zeros(())
-    if "ref_logprobs" in micro:
-        kl = aggregate(kl_estimate(logp, micro["ref_logprobs"] * mask, algo.kl.estimator), mask, algo.loss_agg)
-        if algo.kl.placement == "loss":
-            loss = loss + float(micro.get("kl_coef", algo.kl.coef)) * kl
+    kl = aggregate(kl_estimate(logp, micro["ref_logprobs"] * mask, algo.kl.estimator), mask, algo.loss_agg)
+    kl_coef = float(micro["kl_coef"])
+    if kl_coef:  # 0 * an overflowing estimate would still be NaN
+        loss = loss + kl_coef * kl
     stats = {
         "policy_loss": float(pg.detach()),
         "entropy": float(entropy.detach()),
@@ -86,7 +86,7 @@ def ppo_objective(model: torch.nn.Module, micro: Batch, algo: AlgorithmConfig, t
         "clipfrac": pg_stats["clipfrac"],
         "approx_kl": pg_stats["approx_kl"],
     }
-    if "old_logprobs" not in micro and "rollout_logprobs" in micro:
+    if own_old:
         gap = (old_logp - micro["rollout_logprobs"]).abs() * mask
         per_token = "token_mean" if algo.loss_agg == "token_mean" else "seq_mean_token_mean"
         stats["logprob_diff_mean"] = float(aggregate(gap, mask, per_token))

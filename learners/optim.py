@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from rlhf_ray.config import LearnerConfig
+from rlhf_ray.sizing import grad_accum_steps
 
 
 class VetoableAdamW(torch.optim.AdamW):
@@ -73,7 +74,7 @@ def deepspeed_config(cfg: LearnerConfig, world_size: int, bf16: bool) -> dict[st
     Gradient accumulation is driven by the learner itself (it marks the last micro-batch of each
     minibatch as the boundary), so `gradient_accumulation_steps` only has to be self-consistent.
     """
-    gas = max(1, cfg.minibatch_size // (world_size * cfg.micro_batch_size))
+    gas = grad_accum_steps(cfg.minibatch_size, world_size, cfg.micro_batch_size)
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": gas,

@@ -115,7 +115,7 @@ class StepLoop:
         """Forward, backward and step on one minibatch; None when the step was skipped."""
         micros = micro_batches(minibatch, self.cfg.micro_batch_size)
         sizes = [size(m) for m in micros]
-        bad_input = first_nonfinite({k: minibatch[k] for k in guarded if k in minibatch})
+        bad_input = first_nonfinite({k: minibatch[k] for k in guarded if minibatch.get(k) is not None})
         total_size, bad_ranks = self._all_reduce([sum(sizes), float(bad_input is not None)])
         if bad_ranks:
             log.warning("skipping a step: non-finite experience on %d rank(s)%s",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-import resource
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterator
 
@@ -23,11 +23,12 @@ import torch.distributed as dist
 from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from rlhf_ray.cuda_ipc import SharedBucket
 from rlhf_ray.modeling import response_logprobs
+from rlhf_ray.protocol import PER_TOKEN_FIELDS, Experience, TensorBatch
 from rlhf_ray.net import bind_listener, listen_address
 from rlhf_ray.weight_sync import ParamSums, SyncGroupSpec, TensorMeta, join_sync_group, store_on
 
 from . import checkpoint
-from .batching import PER_TOKEN, micro_batches
+from .batching import micro_batches
 from .models import Role, load_model, sequence_scores, token_values, unwrap
 from .objectives import (
     next_token_logprobs,
@@ -42,28 +43,31 @@ from .optim import build_optimizer, deepspeed_config
 from .training import Objective, StepLoop
 from .weights import iter_weight_buckets, param_checksums, send_weights, share_bucket, weight_metas
 
-Batch = dict[str, Any]
 CHECKSUM_BUCKET_BYTES = 2**28
 
 
-class LearnerWorker:
-    """A DeepSpeed engine for `role` ("policy", "critic" or "reward") on rank `rank` of `world_size`."""
+@dataclass(frozen=True)
+class LearnerSpec:
+    """What one rank needs to build its engine: the one argument a LearnerWorker is created with."""
 
-    def __init__(
-        self,
-        rank: int,
-        world_size: int,
-        role: Role,
-        model_path: str,
-        learner_cfg: LearnerConfig,
-        model_cfg: ModelConfig,
-        algo_cfg: AlgorithmConfig,
-        total_steps: int | None,
-    ):
-        self.rank, self.world_size, self.role = rank, world_size, role
-        self.model_path, self.cfg, self.model_cfg, self.algo = model_path, learner_cfg, model_cfg, algo_cfg
-        self.total_steps = total_steps
-        self.on_gpu = torch.cuda.is_available() and learner_cfg.num_gpus_per_rank > 0
+    rank: int
+    world_size: int
+    role: Role  # "policy", "critic" or "reward"
+    model_path: str  # HF folder to start from
+    learner: LearnerConfig
+    model: ModelConfig
+    algorithm: AlgorithmConfig
+    total_steps: int | None  # optimizer steps the lr decays over (cosine after warm-up); None keeps the peak lr
+
+
+class LearnerWorker:
+    """A DeepSpeed engine for `spec.role` on rank `spec.rank` of `spec.world_size`."""
+
+    def __init__(self, spec: LearnerSpec):
+        self.rank, self.world_size, self.role = spec.rank, spec.world_size, spec.role
+        self.model_path, self.cfg, self.model_cfg, self.algo = spec.model_path, spec.learner, spec.model, spec.algorithm
+        self.total_steps = spec.total_steps
+        self.on_gpu = torch.cuda.is_available() and spec.learner.num_gpus_per_rank > 0
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
     def rendezvous(self) -> tuple[str, int]:
@@ -117,59 +121,59 @@ class LearnerWorker:
             return self.engine(input_ids=ids, use_cache=False).logits.sum()
         return sequence_scores(self.engine, ids, torch.ones_like(ids)).sum()
 
-    def _to_device(self, batch: Batch) -> Batch:
+    def _to_device(self, batch: TensorBatch) -> TensorBatch:
         return {k: v.to(self.engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     @torch.no_grad()
-    def _forward(self, batch: Batch, fn: Callable[[torch.nn.Module, Batch], torch.Tensor]) -> torch.Tensor:
+    def _forward(self, batch: TensorBatch, fn: Callable[[torch.nn.Module, TensorBatch], torch.Tensor]) -> torch.Tensor:
         self.engine.eval()
         outs = [fn(self.engine, m) for m in micro_batches(self._to_device(batch), self.cfg.micro_batch_size)]
         return torch.cat(outs).float().cpu()
 
     # ------------------------------------------------------------------ forward-only
 
-    def forward_logprobs(self, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    def forward_logprobs(self, batch: TensorBatch, temperature: float = 1.0) -> torch.Tensor:
         """log softmax(logits / temperature) at the response tokens: [n, R] fp32 nats, 0 on padding."""
         return self._forward(batch, lambda model, m: response_logprobs(model, m, temperature))
 
-    def forward_target_logprobs(self, batch: Batch) -> torch.Tensor:
+    def forward_target_logprobs(self, batch: TensorBatch) -> torch.Tensor:
         """log-probs of the tokens marked by loss_mask (input_ids, attention_mask, loss_mask [n, L]): [n, L-1] fp32 nats."""
         return self._forward(batch, next_token_logprobs)
 
-    def forward_values(self, batch: Batch) -> torch.Tensor:
+    def forward_values(self, batch: TensorBatch) -> torch.Tensor:
         """Critic values of the response tokens: [n, R] fp32, 0 on padding."""
         return self._forward(batch, token_values)
 
-    def forward_rewards(self, batch: Batch) -> torch.Tensor:
+    def forward_rewards(self, batch: TensorBatch) -> torch.Tensor:
         """Reward-model score at each row's last real token: [n] fp32."""
         return self._forward(batch, lambda model, m: sequence_scores(model, m["input_ids"], m["attention_mask"]))
 
     # ------------------------------------------------------------------ updates
 
-    def _update(self, batch: Batch, objective: Objective) -> dict[str, float]:
+    def _update(self, batch: TensorBatch, objective: Objective) -> dict[str, float]:
         """Steps of `minibatch_size / world_size` rows each; the experience is checked for NaN/inf."""
         rows_per_step = self.cfg.minibatch_size // self.world_size
-        return self.loop.run(self._to_device(batch), rows_per_step, objective, tokens_or_rows(self.algo), PER_TOKEN)
+        return self.loop.run(self._to_device(batch), rows_per_step, objective, tokens_or_rows(self.algo), PER_TOKEN_FIELDS)
 
-    def ppo_update(self, batch: Batch, temperature: float = 1.0) -> dict[str, float]:
+    def ppo_update(self, batch: Experience, temperature: float = 1.0) -> dict[str, float]:
         """Policy optimizer steps over this rank's rows, `minibatch_size / world_size` rows per step."""
         algo = self.algo
         objective = lambda model, micro: ppo_objective(model, micro, algo, temperature)  # noqa: E731
         return self._update(batch, objective)
 
-    def value_update(self, batch: Batch) -> dict[str, float]:
+    def value_update(self, batch: TensorBatch) -> dict[str, float]:
         """Critic optimizer steps over this rank's rows, `minibatch_size / world_size` rows per step."""
         algo = self.algo
         objective = lambda model, micro: value_objective(model, micro, algo)  # noqa: E731
         return self._update(batch, objective)
 
-    def sft_step(self, batch: Batch) -> dict[str, float]:
+    def sft_step(self, batch: TensorBatch) -> dict[str, float]:
         """One optimizer step on all of this rank's rows (input_ids, attention_mask, loss_mask)."""
         batch = self._to_device(batch)
         rows = batch["input_ids"].shape[0]
         return self.loop.run(batch, rows, sft_objective, lambda micro: float(sft_targets(micro).sum()))
 
-    def rm_step(self, batch: Batch) -> dict[str, float]:
+    def rm_step(self, batch: TensorBatch) -> dict[str, float]:
         """One optimizer step on all of this rank's (chosen, rejected) pairs."""
         batch = self._to_device(batch)
         rows = batch["chosen_input_ids"].shape[0]
@@ -252,10 +256,6 @@ class LearnerWorker:
     def where(self) -> dict[str, str]:
         """The Ray node this rank runs on: {"node_id", "node_ip"}; also the group's liveness probe."""
         return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
-
-    def peak_rss_mib(self) -> float:
-        """Peak resident memory of this process, MiB."""
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def shutdown(self) -> None:
         if dist.is_initialized():

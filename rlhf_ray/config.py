@@ -157,6 +157,7 @@ class RewardConfig(Section):
     timeout_s: float = Field(60.0, gt=0)
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
+    kv_cache_space_gib: float = Field(0.5, gt=0, description="KV cache of the reward model's vLLM engine on CPU (GiB).")
 
     @model_validator(mode="after")
     def _something_scores(self) -> "RewardConfig":
@@ -200,7 +201,6 @@ class TrainConfig(Section):
         1, ge=0, description="Policy versions a sample may lag in async mode; the driver generates exactly one step "
         "ahead, so async mode needs 1."
     )
-    eval_every: int = Field(0, ge=0)
     max_learner_restarts: int = Field(
         2, ge=0, description="Times `rlhf-ray train` resumes from the last complete checkpoint after a learner rank dies."
     )
@@ -230,7 +230,6 @@ class TrackingConfig(Section):
 class CheckpointConfig(Section):
     every: int = Field(0, ge=0, description="Save every K steps; 0 saves only at the end.")
     keep_last: int = Field(2, ge=1)
-    resume: bool = False
 
 
 class WeightSyncConfig(Section):

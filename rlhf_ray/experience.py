@@ -16,48 +16,53 @@ from rlhf_ray.algorithms import (
     token_level_rewards,
 )
 from rlhf_ray.config import AlgorithmConfig
+from rlhf_ray.protocol import Experience, RolloutBatch
 
 
 @torch.no_grad()
 def make_experience(
-    batch: dict[str, torch.Tensor],
+    batch: RolloutBatch,
     scores: torch.Tensor,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     ref_logprobs: torch.Tensor,
     values: torch.Tensor | None,
     algo: AlgorithmConfig,
     kl_coef: float,
     group_size: int,
     valid: torch.Tensor | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Add advantages (and returns, for PPO) to a collated batch.
+) -> tuple[Experience, dict[str, float]]:
+    """Score a collated batch: the `protocol.Experience` the update trains on, and the step's kl/ metrics.
 
     batch: `protocol.collate` output; its response_mask [N, R] marks response tokens.
     scores: [N] combined reward per sequence.
-    old_logprobs, ref_logprobs: [N, R] learner and reference log-probs of the sampled tokens, nats.
+    old_logprobs: [N, R] the learner's log-probs of the sampled tokens (nats), or None when the
+    update takes its own (one on-policy optimizer step): the KL to the reference is then measured
+    from the rollout engine's log-probs, `batch["rollout_logprobs"]`.
+    ref_logprobs: [N, R] the reference policy's, nats.
     values: [N, R] critic values (PPO only), else None.
     kl_coef: current KL coefficient. group_size: samples per prompt (rows of a group are contiguous).
     valid: [N] bool, False where the reward failed: such a row gets advantage 0, stays out of group
     baselines and whitening statistics, and (PPO) gives the critic no target (returns = its values).
-    Returns (experience, metrics): experience = batch + old_logprobs, ref_logprobs, advantages
-    [N, R] (+ returns, old_values for PPO; + kl_coef for KL-in-loss); metrics in nats.
+    KL placement is decided here, once: with algorithm.kl.placement "reward" the KL enters the
+    token rewards and the experience's kl_coef (the loss's weight) is 0; with "loss" the rewards
+    hold no KL and kl_coef is the controller's value. Metrics in nats.
     """
     mask = batch["response_mask"]
     if valid is None:
         valid = torch.ones(mask.shape[0], dtype=torch.bool)
     adv_mask = mask * valid.unsqueeze(-1).to(mask.dtype)  # response tokens of rows with a reward
-    kl = kl_estimate(old_logprobs, ref_logprobs, algo.kl.estimator) * mask
+    policy_logprobs = batch["rollout_logprobs"] if old_logprobs is None else old_logprobs
+    kl = kl_estimate(policy_logprobs, ref_logprobs, algo.kl.estimator) * mask
     kl_per_seq = kl.sum(-1)
     in_reward = algo.kl.placement == "reward"
     rewards = token_level_rewards(scores, kl, mask, kl_coef if in_reward else 0.0)
-    exp = dict(batch, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
 
     if algo.name == "ppo":
         if values is None:
             raise ValueError("algorithm.name=ppo needs critic values")
         advantages, returns = gae_advantages(rewards, values, mask, algo.gamma, algo.lam)
         returns = torch.where(valid.unsqueeze(-1), returns, values)
-        exp.update(returns=returns, old_values=values)
+        critic = {"returns": returns, "old_values": values}
         if algo.whiten_advantages:
             advantages = masked_whiten(advantages, adv_mask)
     elif algo.name == "reinforce_pp":
@@ -70,8 +75,15 @@ def make_experience(
         else:
             seq_adv = rloo_advantages(seq_rewards, group_size, valid=valid)
         advantages = broadcast_sequence_advantage(seq_adv, mask)
-    exp["advantages"] = advantages * adv_mask
-    exp["kl_coef"] = torch.tensor(0.0 if in_reward else kl_coef)
+    exp = Experience(
+        **batch,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        advantages=advantages * adv_mask,
+        kl_coef=torch.tensor(0.0 if in_reward else kl_coef),
+    )
+    if algo.name == "ppo":
+        exp.update(critic)
 
     metrics = {
         "kl/mean": float(kl_per_seq.mean()),

@@ -8,15 +8,65 @@ so that every response starts in the same column `prompt_len`:
     response_mask  [N, R]       1 on response tokens (a prefix of each row)
 
 Per-token quantities of the response (log-probs, values, advantages) are
-`[N, R]`; the learner reads them from logits[:, P-1 : P+R-1].
+`[N, R]`; the learner reads them from logits[:, P-1 : P+R-1]. `RolloutBatch`
+(what `collate` returns) and `Experience` (what the learners train on) are the
+one definition of these fields; `PER_TOKEN_FIELDS` is derived from them.
 """
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, NotRequired, TypedDict
 
 import torch
+
+TensorBatch = dict[str, Any]  # row tensors [N, ...] plus 0-d tensors every row shares (prompt_len, kl_coef)
+Tokens = Annotated[torch.Tensor, "[N, P+R]"]  # int64, one column per token of prompt and response
+PerToken = Annotated[torch.Tensor, "[N, R]"]  # float32, one column per response token, 0 on padding
+Scalar = Annotated[torch.Tensor, "[]"]  # 0-d, shared by every row
+
+
+class RolloutBatch(TypedDict):
+    """Sampled responses in the training layout (`collate`)."""
+
+    input_ids: Tokens
+    attention_mask: Tokens  # 0 on padding, 1 elsewhere
+    position_ids: Tokens  # 0, 1, ... over the real tokens of each row
+    response_mask: PerToken  # 1 on response tokens (a prefix of each row)
+    rollout_logprobs: PerToken  # nats: the rollout engine's log-prob of each sampled token
+    prompt_len: Scalar  # int64: P, the column where every response starts
+
+
+class Experience(RolloutBatch):
+    """What the policy (and critic) update trains on: a rollout batch, scored (`rlhf_ray.experience.make_experience`)."""
+
+    old_logprobs: PerToken | None  # nats, the learner's before the update; None: the update's own, detached (one step only)
+    ref_logprobs: PerToken  # nats, the reference policy's
+    advantages: PerToken  # 0 on padding and on rows whose reward failed
+    kl_coef: Scalar  # float32: weight of KL(pi || ref) in the policy loss; 0 when the KL is in the reward
+    returns: NotRequired[PerToken]  # PPO: the critic's targets
+    old_values: NotRequired[PerToken]  # PPO: the critic's values before the update
+
+
+def _fields_shaped(cls: type, shape: object) -> tuple[str, ...]:
+    def shaped(hint: object) -> bool:
+        return hint == shape or any(shaped(arg) for arg in typing.get_args(hint))
+
+    return tuple(k for k, hint in typing.get_type_hints(cls, include_extras=True).items() if shaped(hint))
+
+
+PER_TOKEN_FIELDS = _fields_shaped(Experience, PerToken)  # every [N, R] field, response_mask first
+LAYOUT_FIELDS = ("input_ids", "attention_mask", "position_ids", "response_mask", "prompt_len")
+EXPERIENCE_REQUIRED = tuple(  # (TypedDict's own __required_keys__ misses NotRequired under string annotations)
+    k for k, hint in typing.get_type_hints(Experience, include_extras=True).items()
+    if typing.get_origin(hint) is not NotRequired
+)
+
+
+def missing_experience_fields(exp: TensorBatch) -> list[str]:
+    """Required `Experience` keys that `exp` lacks (old_logprobs must be there, possibly None)."""
+    return [k for k in EXPERIENCE_REQUIRED if k not in exp]
 
 
 @dataclass
@@ -65,7 +115,7 @@ class RolloutResult:
         return sum(len(s.response_ids) for s in self.samples)
 
 
-def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(samples: list[Sample], pad_id: int) -> RolloutBatch:
     """Pad samples into the training layout described in the module docstring.
 
     Returns input_ids, attention_mask, position_ids [N, P+R] (int64), response_mask [N, R]
@@ -88,23 +138,12 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         response_mask[i, :r] = 1.0
         rollout_logprobs[i, :r] = torch.tensor(s.logprobs, dtype=torch.float32)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "response_mask": response_mask,
-        "rollout_logprobs": rollout_logprobs,
-        "prompt_len": torch.tensor(P),
-    }
+    return RolloutBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        response_mask=response_mask,
+        rollout_logprobs=rollout_logprobs,
+        prompt_len=torch.tensor(P),
+    )
 
-
-def split_batch(batch: dict[str, Any], num_parts: int) -> list[dict[str, Any]]:
-    """Split every [N, ...] tensor into num_parts equal row chunks (N divisible by num_parts)."""
-    n = batch["input_ids"].shape[0]
-    if n % num_parts:
-        raise ValueError(f"batch of {n} rows cannot be split into {num_parts} equal parts")
-    k = n // num_parts
-    return [
-        {key: (v[i * k : (i + 1) * k] if torch.is_tensor(v) and v.dim() > 0 else v) for key, v in batch.items()}
-        for i in range(num_parts)
-    ]

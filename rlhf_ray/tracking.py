@@ -14,12 +14,36 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import wandb
 
 from rlhf_ray.config import REDACTED, SECRET_KEY_PATTERN, TrackingConfig, environment_secrets, redact
+
+
+class StageTimer:
+    """Wall-clock seconds per named stage (summed when a stage repeats); `metrics()` names them `timing/<stage>_s`.
+
+    With a `title`, the stage is announced with a banner and its duration printed when it ends (the demo's stages).
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str, title: str | None = None) -> Iterator[None]:
+        if title:
+            print(f"\n=== {title} ===", flush=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+        if title:
+            print(f"({stage}: {self.seconds[stage]:.1f} s)", flush=True)
+
+    def metrics(self) -> dict[str, float]:
+        return {f"timing/{k}_s": v for k, v in self.seconds.items()}
 
 
 METRICS: dict[str, str] = {
@@ -56,24 +80,38 @@ METRICS: dict[str, str] = {
     "learner.max_consecutive_skips (count).",
     "train/advantage_mean": "Mean advantage over response tokens, before whitening (reward units).",
     "train/value_mean": "Mean critic value over response tokens, PPO only (reward units).",
+    "train/kl_loss": "KL(policy || reference) term of the policy loss, before its coefficient (nats/token).",
+    "train/value_clipfrac": "Critic: fraction of tokens whose value was clipped to old value ± value_clip, PPO only (0-1).",
+    "train/values_mean": "Critic: mean value over response tokens during its update, PPO only (reward units).",
+    "train/critic_grad_norm": "Critic gradient norm before clipping, PPO only (L2).",
+    "train/critic_lr": "Critic learning rate at the step's last optimizer step, PPO only (1).",
+    "train/critic_skipped_steps": "Critic optimizer steps skipped for a non-finite loss or gradient, PPO only (count).",
     # pretrain, sft, rm: the supervised stages, one line per optimizer step
     "pretrain/sft_loss": "Pretraining: next-token loss of the batch (nats/token).",
     "sft/sft_loss": "SFT: loss on the batch's response tokens and their EOS (nats/token).",
-    "sft/grad_norm": "SFT gradient norm before clipping; also pretrain/grad_norm and rm/grad_norm (L2).",
-    "sft/lr": "SFT learning rate; also pretrain/lr and rm/lr (1).",
-    "sft/skipped_steps": "SFT optimizer steps skipped for a non-finite loss or gradient; also under pretrain/ and "
-    "rm/ (count).",
+    "pretrain/grad_norm": "Pretraining gradient norm before clipping (L2).",
+    "pretrain/lr": "Pretraining learning rate (1).",
+    "pretrain/skipped_steps": "Pretraining optimizer steps skipped for a non-finite loss or gradient (count).",
+    "sft/grad_norm": "SFT gradient norm before clipping (L2).",
+    "sft/lr": "SFT learning rate (1).",
+    "sft/skipped_steps": "SFT optimizer steps skipped for a non-finite loss or gradient (count).",
     "rm/rm_loss": "Reward model: Bradley-Terry loss of the batch (nats/pair).",
     "rm/rm_accuracy": "Reward model: fraction of the batch's pairs scored chosen > rejected (0-1).",
     "rm/rm_margin": "Reward model: mean chosen minus rejected score (reward-model units).",
     "rm/rm_chosen_mean": "Reward model: mean score of the chosen responses (reward-model units).",
+    "rm/grad_norm": "Reward-model gradient norm before clipping (L2).",
+    "rm/lr": "Reward-model learning rate (1).",
+    "rm/skipped_steps": "Reward-model optimizer steps skipped for a non-finite loss or gradient (count).",
     # kl: distance from the reference (SFT) policy
     "kl/mean": "KL to the reference policy summed over a response, mean over samples (nats/sequence).",
     "kl/per_token": "KL to the reference policy per response token (nats/token).",
     "kl/coef": "KL penalty coefficient used this step (1/nats).",
-    # eval: held-out prompts or pairs, every train.eval_every steps
-    "eval/reward_mean": "Mean reward on the evaluation prompts (reward units).",
-    "eval/response_len_mean": "Mean response length on the evaluation prompts (tokens).",
+    # eval: held-out prompts (`rlhf-ray eval`, per template) or pairs, after training
+    "eval/reward_mean": "`rlhf-ray eval`: mean combined reward on the data.eval prompts (reward units).",
+    "eval/response_len_mean": "`rlhf-ray eval`: mean response length on the data.eval prompts (tokens).",
+    "eval/<source>_mean": "`rlhf-ray eval`: mean score of the reward model (`model`) and of each rule function (its units).",
+    "eval/masked_rows": "`rlhf-ray eval`: responses whose reward failed after retries (count).",
+    "eval/num_prompts": "`rlhf-ray eval`: prompts scored under the template (count).",
     "eval/sft_loss": "`rlhf-ray sft`: loss on the sft.eval_fraction held-out rows, after training (nats/token).",
     "eval/rm_accuracy": "Reward model: fraction of held-out pairs scored chosen > rejected, after training (0-1).",
     "eval/rm_accuracy_<kind>": "Demo reward model: eval/rm_accuracy on each kind of held-out pair (0-1).",
@@ -105,6 +143,31 @@ CONSOLE_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("rollout/tokens_per_s", "tok/s", ".0f"),
     ("timing/step_s", "step_s", ".2f"),
 )
+
+
+def _documented_as(name: str) -> str | None:
+    """The METRICS entry naming `name`: itself, or a pattern whose `<placeholder>` stands for the varying part."""
+    if name in METRICS:
+        return name
+    for pattern in METRICS:
+        if "<" in pattern:
+            head, tail = pattern.split("<")[0], pattern.split(">")[-1]
+            if name.startswith(head) and name.endswith(tail) and len(name) > len(head) + len(tail):
+                return pattern
+    return None
+
+
+RECORD_FIELDS = ("step", "time")  # what every metrics.jsonl line carries besides the metrics
+
+
+def undocumented(names: Iterable[str]) -> list[str]:
+    """The logged metric names (not the RECORD_FIELDS) with no entry in METRICS, sorted."""
+    return sorted(n for n in set(names) if n not in RECORD_FIELDS and _documented_as(n) is None)
+
+
+def documented_entries(names: Iterable[str]) -> set[str]:
+    """The METRICS entries (names or patterns) that the given logged names account for."""
+    return {entry for n in names if (entry := _documented_as(n)) is not None}
 
 
 def metrics_markdown() -> str:

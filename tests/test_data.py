@@ -292,6 +292,7 @@ def test_sampler_is_deterministic_and_reshuffles_each_epoch(prompts_ds):
     assert [PromptSampler(prompts_ds, 3, seed=2).next_indices() for _ in range(3)] != batches[:3]
     rows, ids = PromptSampler(prompts_ds, 3, seed=1).next_batch()
     assert [r["id"] for r in rows] == batches[0] and ids == [prompts_ds.prompt_ids[i] for i in batches[0]]
+    assert [r["prompt"] for r in rows] == [prompts_ds.prompts[i] for i in batches[0]]
 
 
 @pytest.mark.parametrize("k", [0, 2, 3, 4, 6])  # 3 and 6 are epoch boundaries

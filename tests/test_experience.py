@@ -4,6 +4,7 @@ import torch
 
 from rlhf_ray.config import AlgorithmConfig, KLConfig
 from rlhf_ray.experience import make_experience
+from rlhf_ray.protocol import EXPERIENCE_REQUIRED, PER_TOKEN_FIELDS, missing_experience_fields
 
 
 def _batch(n=4, r=5):
@@ -68,3 +69,27 @@ def test_rows_with_a_failed_reward_get_no_advantage_and_stay_out_of_the_baseline
     m = batch["response_mask"] * valid.unsqueeze(-1)
     kept = exp["advantages"][m.bool()]  # whitened over the valid rows' tokens only
     assert abs(float(kept.mean())) < 1e-5 and abs(float(kept.std()) - 1.0) < 1e-4  # masked_whiten: unbiased variance
+
+
+def test_without_old_logprobs_the_kl_is_measured_from_the_rollout_logprobs():
+    """One on-policy step (old_logprobs None): the experience says so, and its KL to the reference uses vLLM's
+    log-probs; hand-computed k1 = rollout - ref summed over the response tokens."""
+    batch = _batch(n=1, r=3)
+    batch["response_mask"][0] = torch.tensor([1.0, 1.0, 0.0])
+    batch["rollout_logprobs"] = torch.tensor([[-1.0, -2.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, 0.0]])
+    algo = AlgorithmConfig(name="reinforce_pp", kl=KLConfig(estimator="k1", placement="loss"))
+    exp, metrics = make_experience(batch, torch.tensor([1.0]), None, ref, None, algo, kl_coef=0.2, group_size=1)
+    assert exp["old_logprobs"] is None and exp["rollout_logprobs"] is batch["rollout_logprobs"]
+    assert abs(metrics["kl/mean"] - ((-1.0 + 1.5) + (-2.0 + 1.0))) < 1e-6
+    assert abs(float(exp["kl_coef"]) - 0.2) < 1e-7  # placement "loss": the loss carries the controller's value
+    layout = ["input_ids", "attention_mask", "position_ids", "prompt_len"]  # what this test's batch leaves out
+    assert missing_experience_fields(exp) == layout
+    assert missing_experience_fields({k: v for k, v in exp.items() if k != "kl_coef"}) == layout + ["kl_coef"]
+
+
+def test_per_token_fields_come_from_the_one_experience_definition():
+    assert PER_TOKEN_FIELDS == (
+        "response_mask", "rollout_logprobs", "old_logprobs", "ref_logprobs", "advantages", "returns", "old_values"
+    )
+    assert "returns" not in EXPERIENCE_REQUIRED and "old_logprobs" in EXPERIENCE_REQUIRED

@@ -27,7 +27,8 @@ def _experience(group: LearnerGroup, rows: int) -> dict[str, torch.Tensor]:
                       torch.randint(3, 60, (6,), generator=g).tolist(), [0.0] * 6, "stop", 0) for i in range(rows)]
     batch = collate(samples, pad_id=0)
     old = group.compute_logprobs(batch)
-    return dict(batch, old_logprobs=old, advantages=torch.randn(old.shape, generator=g) * batch["response_mask"])
+    advantages = torch.randn(old.shape, generator=g) * batch["response_mask"]
+    return dict(batch, old_logprobs=old, ref_logprobs=old, advantages=advantages, kl_coef=torch.tensor(0.0))
 
 
 @pytest.mark.slow

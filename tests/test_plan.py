@@ -13,6 +13,8 @@ import yaml
 
 from rlhf_ray.config import load_config
 from rlhf_ray.driver.plan import PlanError, make_plan, resource_requests, weight_sync_backend
+from rlhf_ray.driver.step_guard import StepGuard
+from rlhf_ray.sizing import learner_rank_request, ray_options, rollout_bundles
 
 ROOT = Path(__file__).resolve().parents[1]
 PPO = ROOT / "configs" / "qwen2.5-1.5b-ppo.yaml"
@@ -160,6 +162,8 @@ def test_batch_arithmetic():
     assert (b.prompts_per_step, b.samples_per_step, b.minibatch_size) == (16, 64, 16)
     assert (b.micro_batch_per_rank, b.grad_accum_steps, b.minibatches_per_epoch) == (2, 4, 4)
     assert b.optimizer_steps_per_rl_step == 12
+    assert b.optimizer_steps_per_run == 10 * 12  # train.steps defaults to 10
+    assert StepGuard.for_run(cfg, None).updates_per_step == 12  # the guard counts with the same figure
     text = plan.render()
     assert "samples B×n = 16×4 = 64" in text
     assert "minibatch 16 = 2 rank(s) × micro-batch 2 × 4 gradient-accumulation steps" in text
@@ -235,3 +239,16 @@ def test_plan_main_on_2_cpus_accepts_a_config_that_fits():
                      "reward.num_cpus=0.5")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "{CPU: 2}" in proc.stdout and "on 1 alive node(s)" in proc.stdout
+
+
+def test_pool_and_learner_group_place_what_the_plan_requests():
+    """The rollout pool's placement-group bundles and the learner group's bundle are the plan's requests:
+    for tensor parallelism 2, the actor's CPUs and custom resources once (first bundle), one GPU per worker."""
+    cfg = load_config(PPO, ["rollout.tensor_parallel_size=2", "rollout.num_actors=2"])
+    assert rollout_bundles(cfg.rollout) == [{"CPU": 4.0, "GPU": 1.0, "rollout": 1.0}, {"GPU": 1.0}]
+    requests = {r.name: r.resources for r in resource_requests(cfg)}
+    assert requests["rollout-1"] == {"CPU": 4.0, "GPU": 2.0, "rollout": 1.0}
+    assert requests["policy-learner-0"] == learner_rank_request(cfg.learner) == {"CPU": 8.0, "GPU": 1.0, "learner": 1.0}
+    cpu = load_config(None, ["rollout.num_cpus_per_actor=1.5"])
+    assert rollout_bundles(cpu.rollout) == [{"CPU": 1.5}]
+    assert ray_options(rollout_bundles(cpu.rollout)[0]) == {"num_cpus": 1.5, "num_gpus": 0.0, "resources": {}}

@@ -99,8 +99,9 @@ def skip_nonfinite(field: str) -> str:
     exp = grpo_experience([1.0, 0.0], [[9, 2], [9]])
     exp[field][1, 0] = float("nan")
     guard = StepGuard(max_consecutive_skips=3, updates_per_step=2)
-    metrics = guard.update(7, exp, policy=None, critic=None)  # never reaches a learner
-    return f"{guard.check_experience(exp)} -> {metrics} applied={guard.applied}"
+    veto = guard.check_experience(exp)  # the driver then runs no update
+    metrics = guard.record_update(7, veto, {})
+    return f"{veto} -> {metrics} applied={guard.applied}"
 
 
 def stop_after_skips(tmp: Path) -> str:

@@ -31,6 +31,7 @@ def setup(request, tiny_model_dir: Path, ray_cluster: None) -> Iterator[tuple[Le
     pool = RolloutPool(model_cfg, RolloutConfig(num_actors=2, kv_cache_space_gib=0.25,
                                                 sampling=SamplingConfig(max_new_tokens=8)))
     sync = WeightBroadcaster(policy, pool, WeightSyncConfig(bucket_mb=0.05, timeout_s=20))
+    pool.current_weights = policy.export_weights
     yield policy, pool, sync
     pool.shutdown()
     policy.shutdown()
@@ -97,7 +98,7 @@ def test_versions_and_joining_actor(setup):
     for k in range(2):
         _train_step(policy, seed=10 + k)
         assert sync.broadcast().version == start + k + 1
-    names = sync.add_actors(1)
+    names = pool.add_actors(1)
     result = pool.generate(_prompts(6), n=1)
     assert {s.policy_version for s in result.samples} == {pool.version}
     assert any(s.actor_name == names[0] for s in result.samples) or pool.num_actors == 3
@@ -106,19 +107,21 @@ def test_versions_and_joining_actor(setup):
     pool.remove_actors(1)
 
 
-def test_dead_actor_is_named_and_survivors_stay_consistent(setup, request):
+def test_dead_actor_is_named_and_a_resend_makes_survivors_consistent(setup, request):
     policy, pool, sync = setup
     if request.node.callspec.id != "zero2":
         pytest.skip("the repair path does not depend on the ZeRO stage; run once, under ZeRO-2")
     victim = pool.actor_names[-1]
-    before = pool.version
+    before, members = pool.version, list(pool.actor_names)
     ray.kill(pool.actors[-1])
     _train_step(policy, seed=99)
-    with pytest.raises(ActorCallError, match=victim):
+    with pytest.raises(ActorCallError, match=victim) as failed:
         sync.broadcast()
-    assert victim not in pool.actor_names and pool.num_actors >= 1
+    # the broadcaster names the dead and leaves the pool (its owner) and its version as they were
+    assert failed.value.dead == [victim] and pool.actor_names == members and pool.version == before
+    pool.discard([victim])
+    assert sync.broadcast(version=before + 1).version == pool.version == before + 1
     # every survivor holds the learner's new weights, labelled with the new version
-    assert pool.version == before + 1
     sync.verify(sent_sums(policy, sync))
 
 
@@ -127,7 +130,7 @@ def test_actor_lost_during_a_run_broadcast_is_replaced_and_the_step_goes_on(setu
     if request.node.callspec.id != "zero2":
         pytest.skip("the replacement path does not depend on the ZeRO stage; run once, under ZeRO-2")
     if pool.num_actors < 2:
-        sync.add_actors(2 - pool.num_actors)
+        pool.add_actors(2 - pool.num_actors)
     victim, before, used = pool.actor_names[0], pool.version, pool.replacements
     ray.kill(pool.actors[0])
     _train_step(policy, seed=7)

@@ -43,9 +43,10 @@ class PromptSampler:
         return batch
 
     def next_batch(self) -> tuple[list[dict[str, Any]], list[list[int]]]:
-        """(rows, prompt token ids) of the next B prompts."""
+        """(rows, prompt token ids) of the next B prompts; each row also holds its formatted `prompt` text."""
         idx = self.next_indices()
-        return [self.dataset.rows[i] for i in idx], [self.dataset.prompt_ids[i] for i in idx]
+        rows = [dict(self.dataset.rows[i], prompt=self.dataset.prompts[i]) for i in idx]
+        return rows, [self.dataset.prompt_ids[i] for i in idx]
 
     def state_dict(self) -> dict[str, int]:
         """Plain ints only, so it round-trips through `torch.load(weights_only=True)`."""

@@ -53,7 +53,6 @@ class WeightBroadcaster:
         self.total_bytes = sum(m.nbytes for m in metas)
         self.generation = 0
         self.members: list[str] = []
-        self._repairing = False
 
     def _call(self, refs: list, names: list[str], what: str) -> list:
         """Gather the calls; a dead learner rank raises LearnerRankError (nothing on the rollout side can fix that)."""
@@ -65,11 +64,8 @@ class WeightBroadcaster:
                 raise LearnerRankError(str(err), ranks, ranks) from None
             raise
 
-    def _ensure_group(self, version: int) -> None:
-        """(Re)build the group when the pool's membership changed since the last broadcast.
-
-        `version` labels the learners' current weights, should a failed join force a resend.
-        """
+    def _ensure_group(self) -> None:
+        """(Re)build the group when the pool's membership changed since the last broadcast."""
         if self.backend == "cuda_ipc" or self.members == list(self.pool.actor_names):
             return
         self.generation += 1
@@ -92,26 +88,26 @@ class WeightBroadcaster:
         except LearnerRankError:
             raise
         except ActorCallError as err:
-            self._repair_after(err, version)
-            raise
+            raise self._name_dead(err) from err
         self.members = list(self.pool.actor_names)
         log.info("weight-sync group generation %d: %s + %s", self.generation, self.learner_names[0], ", ".join(self.members))
 
     def broadcast(self, version: int | None = None) -> BroadcastStats:
         """Send the learners' current weights to every rollout actor.
 
-        The policy version goes up by one, or becomes `version` (a resumed run restores its own).
+        The policy version goes up by one, or becomes `version` (a resumed run restores its own; a
+        resend after a failure repeats the failed one). A rollout actor that died raises
+        ActorCallError with its name in `dead`; the pool is not changed here.
         """
         version = self.pool.version + 1 if version is None else version
-        self._ensure_group(version)
+        self._ensure_group()
         start = time.perf_counter()
         try:
             send_sums, reload_s = (self._share if self.backend == "cuda_ipc" else self._send)(version)
         except LearnerRankError:
             raise
         except ActorCallError as err:
-            self._repair_after(err, version)
-            raise
+            raise self._name_dead(err) from err
         seconds = time.perf_counter() - start
         self.pool.version = version
         if self.cfg.verify:
@@ -145,44 +141,24 @@ class WeightBroadcaster:
             self._call([w.release_shared.remote() for w in workers], self.learner_names, "releasing shared buffers")
         return sums, reload_s
 
-    def _repair_after(self, err: ActorCallError, version: int) -> None:
-        """After a failed broadcast: drop dead rollout actors, resend the current weights to the survivors.
+    def _name_dead(self, err: ActorCallError) -> ActorCallError:
+        """After a failed join or broadcast: ping every rollout actor; the error to raise names the dead ones.
 
-        A broadcast that failed midway may have left survivors with some new and some old layers;
-        resending them, labelled `version` (the version of the learners' current weights), restores
-        one consistent set everywhere.
+        The group is dropped (a peer failed mid-collective: it must be rebuilt before reuse). The pool
+        is left as it is: replacing the dead and resending the weights to everyone is the pool's and
+        the driver's (`rlhf_ray.driver.recovery.broadcast_replacing_dead`); survivors may hold a mix of
+        old and new layers until that resend.
         """
-        self.members = []  # a peer failed mid-collective: the group must be rebuilt before reuse
-        if self._repairing:  # the resend itself failed: give up, the caller sees the first error
-            return
+        self.members = []
         dead = []
         for actor, name in zip(list(self.pool.actors), list(self.pool.actor_names)):
-            ref = actor.ping.remote()
             try:
-                ray.get(ref, timeout=min(self.cfg.timeout_s, 30.0))
+                ray.get(actor.ping.remote(), timeout=min(self.cfg.timeout_s, 30.0))
             except Exception:
                 dead.append(name)
         if dead:
-            log.error("weight broadcast failed (%s); removing dead rollout actors %s", err, ", ".join(dead))
-            self.pool.discard(dead)
-        if self.pool.actors:
-            self._repairing = True
-            try:
-                self.broadcast(version=version)
-            finally:
-                self._repairing = False
-
-    def add_actors(self, k: int) -> list[str]:
-        """Grow the pool by k actors that start serving only with the learners' current weights and version.
-
-        They load the weights before they join the pool, and the weight-sync group is rebuilt with
-        them before this returns. This is also `pool.joiner`, the path replacements of dead actors take.
-        """
-        weights = self.learners.export_weights()
-        names = self.pool.add_actors(k, weights=weights, version=self.pool.version)
-        self._ensure_group(self.pool.version)
-        log.info("rollout actors %s joined at policy version %d", ", ".join(names), self.pool.version)
-        return names
+            log.error("weight broadcast failed (%s); dead rollout actors: %s", err, ", ".join(dead))
+        return ActorCallError(str(err), err.failed, dead)
 
     def verify(self, sent: ParamSums) -> None:
         """Every actor reports the pool's version and the per-layer checksums of what the learner sent, or we raise.

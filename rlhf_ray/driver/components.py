@@ -2,7 +2,7 @@
 
 `build_components` places everything the driver loop calls: the rollout pool, the policy
 (and critic) learner groups, the reference and reward actors, the weight broadcaster, the
-tracker and the prompt stream. `save_checkpoint`/`restore_checkpoint` keep a run resumable
+tracker and the prompt sampler. `save_checkpoint`/`restore_checkpoint` keep a run resumable
 with the same data order, RNG, KL controller, optimizer and step.
 """
 
@@ -24,28 +24,16 @@ from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController
 from rlhf_ray.driver.broadcaster import WeightBroadcaster
 from rlhf_ray.checkpoint import CheckpointWriter, capture_rng, latest_complete, load_state, restore_rng, save_state
 from rlhf_ray.config import RunConfig, save_resolved
-from rlhf_ray.data import Dataset, PromptSampler, load_dataset
-from rlhf_ray.driver.plan import resource_requests, weight_sync_backend
+from rlhf_ray.data import PromptSampler, load_dataset
+from rlhf_ray.driver.plan import weight_sync_backend
 from rlhf_ray.driver.preflight import check_cluster, preflight
 from rlhf_ray.ray_utils import get_with_timeout, init_ray
 from rlhf_ray.rewards import RewardNormalizer
 from rlhf_ray.driver.step_guard import StepGuard
+from rlhf_ray.sizing import batch_math, resource_requests
 from rlhf_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PromptStream:
-    """The RL prompt dataset with its resumable sampler; `next_batch` gives (rows, prompt token ids)."""
-
-    dataset: Dataset
-    sampler: PromptSampler
-
-    def next_batch(self) -> tuple[list[dict[str, Any]], list[list[int]]]:
-        idx = self.sampler.next_indices()
-        rows = [dict(self.dataset.rows[i], prompt=self.dataset.prompts[i]) for i in idx]
-        return rows, [self.dataset.prompt_ids[i] for i in idx]
 
 
 @dataclass
@@ -53,7 +41,7 @@ class RunComponents:
     cfg: RunConfig
     run_dir: Path
     tokenizer: Any
-    prompts: PromptStream
+    prompts: PromptSampler  # the RL prompt dataset, drawn in resumable batches
     pool: RolloutPool
     policy: LearnerGroup
     critic: LearnerGroup | None
@@ -88,11 +76,6 @@ class RemoteCall:
         return call
 
 
-def total_policy_updates(cfg: RunConfig) -> int:
-    samples = cfg.train.prompts_per_step * cfg.rollout.sampling.n
-    return cfg.train.steps * cfg.learner.ppo_epochs * (samples // cfg.learner.minibatch_size)
-
-
 def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
     """Start Ray and every actor of an RL run; writes the resolved config into `run_dir`."""
     preflight(cfg, run_dir)
@@ -100,7 +83,7 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.policy_path, trust_remote_code=cfg.model.trust_remote_code)
     max_prompt = cfg.model.max_model_len - cfg.rollout.sampling.max_new_tokens
     dataset = load_dataset(cfg.data.prompts, "prompt", tokenizer, max_prompt, cfg.train.prompts_per_step, cfg.data.seed)
-    prompts = PromptStream(dataset, PromptSampler(dataset, cfg.train.prompts_per_step, cfg.data.seed, cfg.data.shuffle))
+    prompts = PromptSampler(dataset, cfg.train.prompts_per_step, cfg.data.seed, cfg.data.shuffle)
 
     init_ray(cfg.cluster)
     check_cluster(cfg, ray.cluster_resources(), ray.nodes())
@@ -108,13 +91,14 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
     try:
         pool = RolloutPool(cfg.model, cfg.rollout)
         closers.append(pool.shutdown)
-        policy = LearnerGroup("policy", cfg.model.policy_path, cfg.learner, cfg.model, cfg.algorithm, total_policy_updates(cfg))
+        total_updates = batch_math(cfg).optimizer_steps_per_run
+        policy = LearnerGroup("policy", cfg.model.policy_path, cfg.learner, cfg.model, cfg.algorithm, total_updates)
         closers.append(policy.shutdown)
         critic = None
         if cfg.algorithm.uses_critic:
             critic_start = cfg.model.reward_path or cfg.model.policy_path
             critic_cfg = cfg.learner.model_copy(update={"lr": cfg.learner.critic_lr})
-            critic = LearnerGroup("critic", critic_start, critic_cfg, cfg.model, cfg.algorithm, total_policy_updates(cfg))
+            critic = LearnerGroup("critic", critic_start, critic_cfg, cfg.model, cfg.algorithm, total_updates)
             closers.append(critic.shutdown)
         timeout = cfg.rollout.call_timeout_s
         requests = {r.name: r.ray_options() for r in resource_requests(cfg)}  # what `rlhf-ray plan` shows
@@ -133,7 +117,7 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
         reference.ping()
         reward.ping()
         broadcaster = WeightBroadcaster(policy, pool, cfg.weight_sync, weight_sync_backend(cfg))
-        pool.joiner = broadcaster.add_actors  # replacements of dead actors join with the current weights
+        pool.current_weights = policy.export_weights  # what actors joining later load before they serve
         write_placement(run_dir / "placement.json", pool, [policy] + ([critic] if critic else []))
         tracker = Tracker(cfg.tracking, run_dir, cfg.train.run_name or run_dir.name, cfg.model_dump(mode="json"))
         closers.append(tracker.finish)
@@ -174,9 +158,9 @@ def save_checkpoint(
     pending_batches: prompt batches drawn ahead (async mode) that no update has used yet;
     the saved sampler position excludes them, so a resumed run draws them again.
     """
-    sampler = c.prompts.sampler.state_dict()
+    sampler = c.prompts.state_dict()
     if pending_batches:
-        sampler = rewind_sampler(c.prompts.sampler, pending_batches)
+        sampler = rewind_sampler(c.prompts, pending_batches)
     with c.checkpoints.begin(step) as tmp:
         c.policy.save(str(tmp / "policy"))
         if c.critic is not None:
@@ -213,7 +197,7 @@ def restore_checkpoint(c: RunComponents, kl_ctl: FixedKLController | AdaptiveKLC
     c.policy.load(str(path / "policy"))
     if c.critic is not None:
         c.critic.load(str(path / "critic"))
-    c.prompts.sampler.load_state_dict(meta["sampler"])
+    c.prompts.load_state_dict(meta["sampler"])
     kl_ctl.load_state_dict(meta["kl_controller"])
     c.reward_normalizer.load_state_dict(meta["reward_normalizer"])
     guard.load_state_dict(meta.get("step_guard", {"consecutive": 0, "applied": True}))  # absent before 2026-11-29

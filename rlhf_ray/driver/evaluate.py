@@ -13,6 +13,7 @@ from actors import RewardActor, RolloutPool
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data import load_dataset
 from rlhf_ray.ray_utils import get_with_timeout, init_ray
+from rlhf_ray.sizing import resource_requests
 
 TEMPLATES = ("zero_shot", "few_shot", "cot")
 
@@ -30,15 +31,24 @@ def generate_texts(cfg: RunConfig, model_path: str, prompt_ids: list[list[int]],
 
 def score_texts(cfg: RunConfig, prompt_ids: list[list[int]], prompts: list[str], responses: list[str],
                 rows: list[dict], tokenizer: Any) -> dict[str, float]:
-    """Mean of each reward source (`reward/<source>_mean`) over (prompt, response) pairs."""
-    handle = ray.remote(num_cpus=cfg.reward.num_cpus)(RewardActor).remote(cfg.model, cfg.reward)
+    """Over (prompt, response) pairs: eval/reward_mean (the combined reward), eval/<source>_mean of the
+    reward model (`model`) and each rule function, eval/masked_rows and eval/response_len_mean (tokens)."""
+    request = next(r for r in resource_requests(cfg) if r.name == "reward")
+    handle = ray.remote(RewardActor).options(**request.ray_options()).remote(cfg.model, cfg.reward)
     try:
-        seqs = [p + tokenizer(r, add_special_tokens=False)["input_ids"] for p, r in zip(prompt_ids, responses)]
+        response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
+        seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
         out = get_with_timeout([handle.score.remote(seqs, prompts, responses, rows)], ["reward"], "eval scoring",
                                cfg.reward.timeout_s * 10)[0]
     finally:
         ray.kill(handle)
-    return {f"eval/{k}_mean": float(v.float().mean()) for k, v in out.items()}
+    metrics = {
+        "eval/reward_mean": float(out.pop("scores").mean()),
+        "eval/masked_rows": float((~out.pop("valid")).sum()),
+        "eval/response_len_mean": sum(map(len, response_ids)) / max(len(response_ids), 1),
+        "eval/num_prompts": float(len(prompts)),
+    }
+    return metrics | {f"eval/{k}_mean": float(v.float().mean()) for k, v in out.items()}
 
 
 def evaluate(cfg: RunConfig, model_path: str, templates: tuple[str, ...] = TEMPLATES) -> dict[str, dict[str, float]]:
@@ -52,7 +62,6 @@ def evaluate(cfg: RunConfig, model_path: str, templates: tuple[str, ...] = TEMPL
         ds = load_dataset(data_cfg, "prompt", tokenizer, max_prompt, 1, cfg.data.seed)
         responses = generate_texts(cfg, model_path, ds.prompt_ids, tokenizer)
         results[template] = score_texts(cfg, ds.prompt_ids, ds.prompts, responses, ds.rows, tokenizer)
-        results[template]["eval/num_prompts"] = float(len(ds))
     return results
 
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -18,27 +16,12 @@ from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController, masked_
 from rlhf_ray.config import RunConfig
 from rlhf_ray.driver.recovery import apply_scaling, broadcast_replacing_dead, failure_metrics, log_failures
 from rlhf_ray.experience import make_experience
-from rlhf_ray.protocol import RolloutResult, collate
+from rlhf_ray.protocol import Experience, RolloutBatch, RolloutResult, collate
 from rlhf_ray.driver.components import RunComponents, build_components, restore_checkpoint, save_checkpoint
 from rlhf_ray.driver.step_guard import StepGuard, guard_rewards
+from rlhf_ray.tracking import StageTimer
 
 log = logging.getLogger(__name__)
-
-
-class StageTimer:
-    """Wall-clock seconds per named stage of one step (`timing/<stage>_s`)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-
-    def metrics(self) -> dict[str, float]:
-        return {f"timing/{k}_s": v for k, v in self.seconds.items()}
 
 
 def kl_controller(cfg: RunConfig) -> FixedKLController | AdaptiveKLController:
@@ -46,7 +29,7 @@ def kl_controller(cfg: RunConfig) -> FixedKLController | AdaptiveKLController:
     return AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive else FixedKLController(kl.coef)
 
 
-def rollout_metrics(rollout: RolloutResult, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+def rollout_metrics(rollout: RolloutResult, batch: RolloutBatch) -> dict[str, float]:
     """Generation figures of the step's samples."""
     mask = batch["response_mask"]
     return {
@@ -58,7 +41,7 @@ def rollout_metrics(rollout: RolloutResult, batch: dict[str, torch.Tensor]) -> d
 
 
 def logprob_gap(
-    batch: dict[str, torch.Tensor], learner_logp: torch.Tensor | None, update_metrics: dict[str, float]
+    batch: RolloutBatch, learner_logp: torch.Tensor | None, update_metrics: dict[str, float]
 ) -> dict[str, float]:
     """|vLLM - learner| log-prob of the sampled tokens: mean (nats per token) and max (nats).
 
@@ -71,6 +54,15 @@ def logprob_gap(
     mask = batch["response_mask"]
     gap = (batch["rollout_logprobs"] - learner_logp).abs() * mask
     return {"rollout/logprob_diff_mean": float(masked_mean(gap, mask)), "rollout/logprob_diff_max": float(gap.max())}
+
+
+def update_learners(c: RunComponents, exp: Experience) -> dict[str, float]:
+    """The policy update (and the critic's, its metrics other than value ones as train/critic_*) on `exp`."""
+    metrics = c.policy.ppo_update(exp)
+    if c.critic is not None:
+        critic = c.critic.value_update(exp)
+        metrics |= {k if "value" in k else k.replace("train/", "train/critic_"): v for k, v in critic.items()}
+    return metrics
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
@@ -119,16 +111,12 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
 
             # 3. advantages and KL, then the update
             scores = c.reward_normalizer(rewards["scores"], rewards["valid"])
-            policy_logp = batch["rollout_logprobs"] if old_logp is None else old_logp  # the KL to the reference
             exp, step_metrics = make_experience(
-                batch, scores, policy_logp, ref_logp, values, algo, kl_ctl.value, n, valid=rewards["valid"]
+                batch, scores, old_logp, ref_logp, values, algo, kl_ctl.value, n, valid=rewards["valid"]
             )
-            if old_logp is None:
-                del exp["old_logprobs"]  # the update uses its own, detached
-            if algo.tis_cap is not None or old_logp is None:
-                exp["rollout_logprobs"] = batch["rollout_logprobs"]
-            with timer("update"):  # skipped on NaN/inf experience; stops the run after too many skips in a row
-                step_metrics |= guard.update(step, exp, c.policy, c.critic)
+            with timer("update"):  # vetoed on NaN/inf experience; the run stops after too many skips in a row
+                veto = guard.check_experience(exp)
+                step_metrics |= guard.record_update(step, veto, {} if veto else update_learners(c, exp))
             if guard.applied:
                 kl_ctl.update(step_metrics["kl/mean"], len(rollout.samples))
 

@@ -1,18 +1,13 @@
 """The run plan: where every actor goes, how weights travel, where the KL goes, and the batch arithmetic.
 
-`resource_requests(cfg)` is the one place that turns a config into Ray resource requests, one per
-actor; the driver places its actors with the same requests, so the plan and the run cannot diverge.
+`resource_requests(cfg)` (from `rlhf_ray.sizing`) turns a config into Ray resource requests, one per
+actor; the driver, the rollout pool and the learner group place their actors with the same requests, so the
+plan and the run cannot diverge.
 `make_plan` checks those requests against a cluster's resources and raises `PlanError` naming the
 missing resource, how much is needed, how much the cluster has, and the fix. `plan_main` prints the
 plan for a live cluster (or a local head on 127.0.0.1) before anything heavy starts.
 
-Assumptions, stated once:
-- A rollout actor holds all GPUs of its tensor-parallel group (num_gpus_per_actor × tensor_parallel_size)
-  on one node, its CPUs (num_cpus_per_actor) and `rollout.resources` once.
-- On GPU learners, the reference actor takes one learner-sized slot (the CPUs, GPUs and custom resources
-  of a learner rank), and a reward model on GPU takes the learner pool's custom resources in proportion
-  to its GPUs: models with a fixed size live in the learner pool, so the rollout pool scales on its own.
-  On CPU learners the reference asks for 0.5 CPU: it runs between other stages of the synchronous loop.
+The arithmetic itself (batch sizes, Ray resource requests and their assumptions) is in `rlhf_ray.sizing`.
 """
 
 from __future__ import annotations
@@ -23,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf_ray.config import RunConfig
+from rlhf_ray.sizing import BUILTIN, BatchMath, ResourceRequest, batch_math, resource_requests
 
-REFERENCE_CPUS_ON_CPU = 0.5
-BUILTIN = ("CPU", "GPU")
 # The config fields that set each kind's count and per-actor amounts, named in every error's fix.
 COUNT_FIELD = {"rollout": "rollout.num_actors", "learner": "learner.num_ranks"}
 AMOUNT_FIELD = {
@@ -43,84 +37,11 @@ class PlanError(ValueError):
     """The cluster cannot hold the run; the message names the resource, the need, the supply and the fix."""
 
 
-@dataclass(frozen=True)
-class ResourceRequest:
-    """What one actor asks Ray for: `resources` maps Ray resource names (CPU, GPU, custom) to amounts."""
-
-    name: str  # e.g. "rollout-0", "policy-learner-1", "critic-learner-0", "reward", "reference"
-    kind: str  # "rollout", "learner", "reward" or "reference"
-    resources: dict[str, float]
-
-    def ray_options(self) -> dict[str, Any]:
-        """Keyword arguments for `ActorClass.options(**request.ray_options())`."""
-        return {
-            "num_cpus": self.resources.get("CPU", 0.0),
-            "num_gpus": self.resources.get("GPU", 0.0),
-            "resources": {k: v for k, v in self.resources.items() if k not in BUILTIN},
-        }
-
-
-def _request(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
-    out = {"CPU": float(cpus)}
-    if gpus > 0:
-        out["GPU"] = float(gpus)
-    return out | {k: float(v) for k, v in custom.items() if v > 0}
-
-
-def resource_requests(cfg: RunConfig) -> list[ResourceRequest]:
-    """One request per actor of the run: rollout actors, policy (and PPO critic) learner ranks, the reward and
-    the reference actor; names as the run gives them."""
-    ro, le, rw = cfg.rollout, cfg.learner, cfg.reward
-    rollout = _request(ro.num_cpus_per_actor, ro.num_gpus_per_actor * ro.tensor_parallel_size, ro.resources)
-    learner = _request(le.num_cpus_per_rank, le.num_gpus_per_rank, le.resources)
-    reqs = [ResourceRequest(f"rollout-{i}", "rollout", dict(rollout)) for i in range(ro.num_actors)]
-    roles = ("policy", "critic") if cfg.algorithm.uses_critic else ("policy",)
-    reqs += [ResourceRequest(f"{role}-learner-{i}", "learner", dict(learner)) for role in roles for i in range(le.num_ranks)]
-
-    reward_custom: dict[str, float] = {}
-    if rw.num_gpus > 0 and le.num_gpus_per_rank > 0:
-        share = rw.num_gpus / le.num_gpus_per_rank
-        reward_custom = {k: v * share for k, v in le.resources.items()}
-    reqs.append(ResourceRequest("reward", "reward", _request(rw.num_cpus, rw.num_gpus, reward_custom)))
-
-    reference = dict(learner) if le.num_gpus_per_rank > 0 else {"CPU": REFERENCE_CPUS_ON_CPU}
-    reqs.append(ResourceRequest("reference", "reference", reference))
-    return reqs
-
-
 def weight_sync_backend(cfg: RunConfig) -> str:
     """The weight-sync transport: the configured one, or for "auto" NCCL on GPU learners and gloo on CPU."""
     if cfg.weight_sync.backend != "auto":
         return cfg.weight_sync.backend
     return "nccl" if cfg.learner.num_gpus_per_rank > 0 else "gloo"
-
-
-@dataclass(frozen=True)
-class BatchMath:
-    """The sizes of one RL step, all in sequences."""
-
-    prompts_per_step: int  # B
-    samples_per_step: int  # B × n
-    minibatch_size: int  # per optimizer step, all ranks together
-    micro_batch_per_rank: int  # per forward/backward on one rank
-    grad_accum_steps: int  # micro-batches per rank per optimizer step
-    minibatches_per_epoch: int
-    optimizer_steps_per_rl_step: int  # ppo_epochs × samples / minibatch
-
-
-def batch_math(cfg: RunConfig) -> BatchMath:
-    le = cfg.learner
-    samples = cfg.train.prompts_per_step * cfg.rollout.sampling.n
-    per_epoch = samples // le.minibatch_size  # divisibility is checked by RunConfig
-    return BatchMath(
-        prompts_per_step=cfg.train.prompts_per_step,
-        samples_per_step=samples,
-        minibatch_size=le.minibatch_size,
-        micro_batch_per_rank=le.micro_batch_size,
-        grad_accum_steps=le.minibatch_size // (le.num_ranks * le.micro_batch_size),
-        minibatches_per_epoch=per_epoch,
-        optimizer_steps_per_rl_step=le.ppo_epochs * per_epoch,
-    )
 
 
 @dataclass

@@ -92,7 +92,7 @@ def apply_scaling(c: RunComponents, step: int) -> dict[str, float]:
     start, target = time.perf_counter(), request.num_actors
     try:
         if target > have:
-            names, verb = c.broadcaster.add_actors(target - have), "added"
+            names, verb = c.pool.add_actors(target - have), "added"
         else:
             names, verb = c.pool.remove_actors(have - target), "removed"
     except ActorCallError as err:
@@ -112,11 +112,12 @@ def apply_scaling(c: RunComponents, step: int) -> dict[str, float]:
 def broadcast_replacing_dead(c: RunComponents, step: int) -> tuple[BroadcastStats, list[ActorFailure]]:
     """`c.broadcaster.broadcast()`, surviving rollout actors that die during it.
 
-    The broadcaster drops a dead actor and reloads the survivors with the new weights and version;
-    here each dead actor is replaced (it joins at those weights, counted against
-    `rollout.max_replacements`) and the step goes on. Anything else — a learner rank, the resend
-    failing, replacements used up — raises. Returns the broadcast's stats (seconds include the
-    recovery) and one ActorFailure per replaced actor.
+    The broadcaster names the actors it found dead and leaves the pool alone; the pool replaces them
+    (`pool.replace_dead`: same budget, `rollout.max_replacements`, and count as deaths during
+    generation), then the same version is sent again to every actor, since survivors may hold a mix
+    of old and new layers. Anything else — a learner rank, the resend failing, replacements used up —
+    raises. Returns the broadcast's stats (seconds include the recovery) and one ActorFailure per
+    replaced actor.
     """
     members = {m.name: m for m in c.pool.members}
     version, start = c.pool.version + 1, time.perf_counter()
@@ -125,14 +126,13 @@ def broadcast_replacing_dead(c: RunComponents, step: int) -> tuple[BroadcastStat
     except LearnerRankError:
         raise
     except ActorCallError as err:
-        lost = [name for name in members if name not in c.pool.actor_names]
-        used, limit = c.pool.replacements, c.cfg.rollout.max_replacements
-        if not lost or not c.pool.actors or c.pool.version != version or used + len(lost) > limit:
+        lost = [name for name in err.dead if name in members]
+        if not lost or len(lost) == len(members):
             raise
         log.warning("step %d: weight broadcast lost %s (%s); replacing them", step, ", ".join(lost), err)
     detected = time.perf_counter()
-    new = c.broadcaster.add_actors(len(lost))
-    c.pool.replacements += len(lost)
+    new = c.pool.replace_dead(lost)
+    stats = c.broadcaster.broadcast(version=version)
     recovered = time.perf_counter() - detected
     failures = [
         ActorFailure(name, members[name].node_id, members[name].node_ip, step, 0, replaced_by, 0.0, recovered)
@@ -144,7 +144,7 @@ def broadcast_replacing_dead(c: RunComponents, step: int) -> tuple[BroadcastStat
             "(%d of %d replacements used)", step, f.name, f.node_ip, f.replaced_by, version, recovered,
             c.pool.replacements, c.cfg.rollout.max_replacements,
         )
-    return BroadcastStats(version, c.broadcaster.total_bytes, time.perf_counter() - start), failures
+    return BroadcastStats(version, stats.bytes, time.perf_counter() - start, stats.reload_seconds), failures
 
 
 def failure_metrics(rollout: RolloutResult) -> dict[str, float]:

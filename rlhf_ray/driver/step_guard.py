@@ -4,8 +4,9 @@ many skipped updates in a row stop the run while the last complete checkpoint st
 Three layers keep NaN/inf away from the weights:
 - `guard_rewards`: a reward batch of the wrong shape is an error; non-finite or absurd scores
   (|r| > 1e6, the bound rule functions are held to) are masked like a failed rule function.
-- `StepGuard.update`: experience (advantages, returns, log-probs, values) holding NaN/inf skips the
-  whole update on the driver, before any learner sees it, and the KL controller is not updated.
+- `StepGuard.check_experience`: experience (advantages, returns, log-probs, values) holding NaN/inf
+  vetoes the whole update on the driver, before any learner sees it, and the KL controller is not
+  updated; `StepGuard.record_update` counts the step as skipped or applied. The driver runs the update.
 - the learner's own guard (`learners.training`): a non-finite loss or gradient on any rank vetoes
   that optimizer step on all ranks. An update whose every optimizer step was vetoed counts as skipped.
 """
@@ -21,11 +22,12 @@ import torch
 from rlhf_ray.algorithms import first_nonfinite
 from rlhf_ray.checkpoint import latest_complete
 from rlhf_ray.config import RunConfig
+from rlhf_ray.protocol import PER_TOKEN_FIELDS, Experience
+from rlhf_ray.sizing import batch_math
 
 log = logging.getLogger(__name__)
 
 MAX_ABS_REWARD = 1e6
-EXPERIENCE_FIELDS = ("advantages", "returns", "old_values", "old_logprobs", "ref_logprobs", "rollout_logprobs")
 
 
 class RewardShapeError(ValueError):
@@ -69,9 +71,7 @@ class StepGuard:
 
     @classmethod
     def for_run(cls, cfg: RunConfig, checkpoint_root: Path | None) -> "StepGuard":
-        samples = cfg.train.prompts_per_step * cfg.rollout.sampling.n
-        updates = cfg.learner.ppo_epochs * (samples // cfg.learner.minibatch_size)
-        return cls(cfg.learner.max_consecutive_skips, updates, checkpoint_root)
+        return cls(cfg.learner.max_consecutive_skips, batch_math(cfg).optimizer_steps_per_rl_step, checkpoint_root)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: the consecutive-skip count (and whether the last update applied)."""
@@ -81,23 +81,18 @@ class StepGuard:
         self.consecutive, self.applied = int(state["consecutive"]), bool(state["applied"])
 
     @staticmethod
-    def check_experience(exp: dict[str, Any]) -> str | None:
-        """Describe the first experience field holding NaN/inf, or None when all are finite."""
-        return first_nonfinite({k: exp[k] for k in EXPERIENCE_FIELDS if torch.is_tensor(exp.get(k))})
+    def check_experience(exp: Experience) -> str | None:
+        """The veto: describe the first per-token field holding NaN/inf, or None when all are finite."""
+        return first_nonfinite({k: exp[k] for k in PER_TOKEN_FIELDS if torch.is_tensor(exp.get(k))})
 
-    def update(self, step: int, exp: dict[str, Any], policy: Any, critic: Any | None) -> dict[str, float]:
-        """Run the policy (and critic) update on `exp` unless it holds NaN/inf; returns the train/ metrics."""
-        reason = self.check_experience(exp)
-        if reason is not None:
-            metrics = {"train/skipped_steps": float(self.updates_per_step)}
-        else:
-            metrics = policy.ppo_update(exp)
-            if critic is not None:
-                metrics |= {k if "value" in k else k.replace("train/", "train/critic_"): v
-                            for k, v in critic.value_update(exp).items()}
-            if metrics["train/skipped_steps"] >= self.updates_per_step:
-                reason = "every optimizer step was vetoed by the learners (non-finite loss or gradient)"
-        return metrics | self.record(step, reason)
+    def record_update(self, step: int, veto: str | None, update_metrics: dict[str, float]) -> dict[str, float]:
+        """Count the step's update: skipped when vetoed (`check_experience`'s reason; the driver then ran no
+        update) or when the learners skipped every optimizer step of it. Returns the train/ metrics."""
+        if veto is not None:
+            return {"train/skipped_steps": float(self.updates_per_step)} | self.record(step, veto)
+        if update_metrics["train/skipped_steps"] >= self.updates_per_step:
+            veto = "every optimizer step was vetoed by the learners (non-finite loss or gradient)"
+        return update_metrics | self.record(step, veto)
 
     def record(self, step: int, reason: str | None) -> dict[str, float]:
         """Count one RL step (skipped when `reason` is given); raise TooManySkippedSteps at the limit."""

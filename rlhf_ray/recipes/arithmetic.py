@@ -21,17 +21,12 @@ from rlhf_ray.driver.loop import train
 from rlhf_ray.prompts import format_prompt
 from rlhf_ray.ray_utils import init_ray
 from rlhf_ray.driver.stages import run_sft
-from rlhf_ray.recipes.synthetic import arithmetic_rows
+from rlhf_ray.recipes.synthetic import arithmetic_rows, write_jsonl
 from rlhf_ray.recipes.tiny import make_tiny
 from rlhf_ray.tracking import Tracker
 
 EXACT_ANSWER = "rlhf_ray.rewards:exact_answer"
 ARITHMETIC_SIZES = {"sft_rows": 512, "prompts": 256}
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def run_arithmetic(cfg: RunConfig, out: Path, sizes: dict[str, int] = ARITHMETIC_SIZES) -> dict[str, Any]:
@@ -50,9 +45,9 @@ def run_arithmetic(cfg: RunConfig, out: Path, sizes: dict[str, int] = ARITHMETIC
     tokenizer = AutoTokenizer.from_pretrained(policy)
     init_ray(cfg.cluster)
 
-    sft_data = _write_jsonl(out / "sft.jsonl", [
+    sft_data = write_jsonl(out / "sft.jsonl", [
         {"prompt": r["prompt"], "response": r["answer"]} for r in arithmetic_rows(sizes["sft_rows"], seed)])
-    prompt_data = _write_jsonl(out / "prompts.jsonl", arithmetic_rows(sizes["prompts"], seed + 1))
+    prompt_data = write_jsonl(out / "prompts.jsonl", arithmetic_rows(sizes["prompts"], seed + 1))
     sft_rows = [dict(r, prompt=format_prompt(r, cfg.data.sft, tokenizer))
                 for r in map(json.loads, sft_data.read_text().splitlines())]
     with Tracker(cfg.tracking.model_copy(update={"backend": "none"}), out / "sft", "sft", {}) as tracker:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import random
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from transformers import AutoTokenizer
 
@@ -33,9 +32,10 @@ from rlhf_ray.recipes.synthetic import (
     pretraining_corpus,
     prompt_rows,
     win_rate,
+    write_jsonl,
 )
 from rlhf_ray.recipes.tiny import make_tiny
-from rlhf_ray.tracking import Tracker
+from rlhf_ray.tracking import StageTimer, Tracker
 
 HIDDEN_RULE = "rlhf_ray.recipes.synthetic:hidden_rule"
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -46,29 +46,9 @@ SIZES = {  # the embedded default: finishes in minutes on 2 cores
 CHAT = DatasetConfig(template="chat")
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def chat_rows(rows: list[dict], tokenizer: Any) -> list[dict]:
     """Rows with `prompt` replaced by its chat-formatted text (what the policy sees)."""
     return [dict(r, prompt=format_prompt(r, CHAT, tokenizer)) for r in rows]
-
-
-class StageClock:
-    """Prints a banner per demo stage and records its wall-clock seconds (`seconds[name]`)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str, title: str) -> Iterator[None]:
-        print(f"\n=== {title} ===", flush=True)
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - start, 1)
-        print(f"({name}: {self.seconds[name]:.1f} s)", flush=True)
 
 
 def edited_pairs(prompts: list[str], answers: list[str], k: int, seed: int) -> list[tuple[str, str, str]]:
@@ -94,7 +74,7 @@ def run_demo(cfg: RunConfig, out: Path, sizes: dict[str, int]) -> dict[str, Any]
     seen_things = THINGS[:-4]
     tracker = Tracker(cfg.tracking.model_copy(update={"backend": "none"}), out / "stages", "stages", {})
     log = tracker.log
-    stage = StageClock()
+    stage = StageTimer()
 
     with stage("build", "1/6 build a tokenizer and a tiny LM"):
         corpus = pretraining_corpus(sizes["pretrain_rows"], seed)
@@ -176,7 +156,7 @@ def run_demo(cfg: RunConfig, out: Path, sizes: dict[str, int]) -> dict[str, Any]
         "final_kl_coef": final.get("kl/coef"),
         "held_out_prompts": len(eval_prompts),
         "examples": [{"prompt": p, "sft": s, "ppo": q} for p, s, q in zip(texts[:5], sft_answers, ppo_answers)],
-        "stage_seconds": stage.seconds,
+        "stage_seconds": {name: round(s, 1) for name, s in stage.seconds.items()},
         "seconds": time.perf_counter() - start,
     }
     (out / "demo_results.json").write_text(json.dumps(results, indent=2))

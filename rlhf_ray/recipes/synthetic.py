@@ -9,8 +9,10 @@ labels, never the rule. The rule also scores the PPO policy at the end.
 
 from __future__ import annotations
 
+import json
 import random
 import re
+from pathlib import Path
 
 THINGS = [
     "weather", "garden", "river", "city", "forest", "kitchen", "song", "market",
@@ -148,3 +150,9 @@ def arithmetic_rows(num_rows: int, seed: int) -> list[dict]:
         a, b = rng.randrange(10), rng.randrange(10)
         rows.append({"prompt": f"What is {a} plus {b}?", "answer": str(a + b)})
     return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Write `rows` as JSON Lines (one object per line) to `path`; returns `path`."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,142 @@
+"""The run's arithmetic, in one place: the batch sizes of an RL step and the Ray resources each actor asks for.
+
+The plan (`rlhf_ray.driver.plan`), the driver, the step guard, the rollout pool and the learner group
+all take their numbers from here, so what `rlhf-ray plan` shows is what the run does.
+
+Assumptions, stated once:
+- A rollout actor holds all GPUs of its tensor-parallel group (num_gpus_per_actor × tensor_parallel_size)
+  on one node, its CPUs (num_cpus_per_actor) and `rollout.resources` once (in the first bundle of its group).
+- On GPU learners, the reference actor takes one learner-sized slot (the CPUs, GPUs and custom resources
+  of a learner rank), and a reward model on GPU takes the learner pool's custom resources in proportion
+  to its GPUs: models with a fixed size live in the learner pool, so the rollout pool scales on its own.
+  On CPU learners the reference asks for 0.5 CPU: it runs between other stages of the synchronous loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rlhf_ray.config import LearnerConfig, RolloutConfig, RunConfig
+
+REFERENCE_CPUS_ON_CPU = 0.5
+BUILTIN = ("CPU", "GPU")
+
+
+# ---------------------------------------------------------------------------- batch arithmetic
+
+
+def optimizer_steps(rows: int, minibatch_size: int, epochs: int) -> int:
+    """Optimizer steps of one update: `epochs` passes over `rows`, one step per `minibatch_size` rows."""
+    return epochs * (rows // minibatch_size)
+
+
+def grad_accum_steps(minibatch_size: int, num_ranks: int, micro_batch_size: int) -> int:
+    """Micro-batches each rank accumulates per optimizer step (at least 1)."""
+    return max(1, minibatch_size // (num_ranks * micro_batch_size))
+
+
+@dataclass(frozen=True)
+class BatchMath:
+    """The sizes of one RL step, all in sequences."""
+
+    prompts_per_step: int  # B
+    samples_per_step: int  # B × n
+    minibatch_size: int  # per optimizer step, all ranks together
+    micro_batch_per_rank: int  # per forward/backward on one rank
+    grad_accum_steps: int  # micro-batches per rank per optimizer step
+    minibatches_per_epoch: int
+    optimizer_steps_per_rl_step: int  # ppo_epochs × samples / minibatch
+    optimizer_steps_per_run: int  # train.steps × optimizer_steps_per_rl_step: what the lr schedule decays over
+
+
+def batch_math(cfg: RunConfig) -> BatchMath:
+    """The step sizes of `cfg` (divisibility is checked by RunConfig)."""
+    le = cfg.learner
+    samples = cfg.train.prompts_per_step * cfg.rollout.sampling.n
+    per_step = optimizer_steps(samples, le.minibatch_size, le.ppo_epochs)
+    return BatchMath(
+        prompts_per_step=cfg.train.prompts_per_step,
+        samples_per_step=samples,
+        minibatch_size=le.minibatch_size,
+        micro_batch_per_rank=le.micro_batch_size,
+        grad_accum_steps=grad_accum_steps(le.minibatch_size, le.num_ranks, le.micro_batch_size),
+        minibatches_per_epoch=samples // le.minibatch_size,
+        optimizer_steps_per_rl_step=per_step,
+        optimizer_steps_per_run=cfg.train.steps * per_step,
+    )
+
+
+# ---------------------------------------------------------------------------- Ray resource requests
+
+
+@dataclass(frozen=True)
+class ResourceRequest:
+    """What one actor asks Ray for: `resources` maps Ray resource names (CPU, GPU, custom) to amounts."""
+
+    name: str  # e.g. "rollout-0", "policy-learner-1", "critic-learner-0", "reward", "reference"
+    kind: str  # "rollout", "learner", "reward" or "reference"
+    resources: dict[str, float]
+
+    def ray_options(self) -> dict[str, Any]:
+        """Keyword arguments for `ActorClass.options(**request.ray_options())`."""
+        return ray_options(self.resources)
+
+
+def ray_options(resources: dict[str, float]) -> dict[str, Any]:
+    """num_cpus, num_gpus and custom `resources` for `ActorClass.options(...)` from one request."""
+    return {
+        "num_cpus": resources.get("CPU", 0.0),
+        "num_gpus": resources.get("GPU", 0.0),
+        "resources": {k: v for k, v in resources.items() if k not in BUILTIN},
+    }
+
+
+def _request(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
+    out = {"CPU": float(cpus)}
+    if gpus > 0:
+        out["GPU"] = float(gpus)
+    return out | {k: float(v) for k, v in custom.items() if v > 0}
+
+
+def rollout_bundles(ro: RolloutConfig) -> list[dict[str, float]]:
+    """A GPU rollout actor's placement-group bundles, one per tensor-parallel worker: the first also holds
+    the actor's CPUs and custom resources. On CPU: one bundle, the actor's own request."""
+    if ro.num_gpus_per_actor == 0:
+        return [_request(ro.num_cpus_per_actor, 0, ro.resources)]
+    first = _request(ro.num_cpus_per_actor, ro.num_gpus_per_actor, ro.resources)
+    return [first] + [{"GPU": float(ro.num_gpus_per_actor)}] * (ro.tensor_parallel_size - 1)
+
+
+def rollout_actor_request(ro: RolloutConfig) -> dict[str, float]:
+    """Everything one rollout actor holds: the sum of its bundles."""
+    total: dict[str, float] = {}
+    for bundle in rollout_bundles(ro):
+        for k, v in bundle.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def learner_rank_request(le: LearnerConfig) -> dict[str, float]:
+    """One learner rank's bundle of the learner group's placement group."""
+    return _request(le.num_cpus_per_rank, le.num_gpus_per_rank, le.resources)
+
+
+def resource_requests(cfg: RunConfig) -> list[ResourceRequest]:
+    """One request per actor of the run: rollout actors, policy (and PPO critic) learner ranks, the reward and
+    the reference actor; names as the run gives them."""
+    ro, le, rw = cfg.rollout, cfg.learner, cfg.reward
+    rollout, learner = rollout_actor_request(ro), learner_rank_request(le)
+    reqs = [ResourceRequest(f"rollout-{i}", "rollout", dict(rollout)) for i in range(ro.num_actors)]
+    roles = ("policy", "critic") if cfg.algorithm.uses_critic else ("policy",)
+    reqs += [ResourceRequest(f"{role}-learner-{i}", "learner", dict(learner)) for role in roles for i in range(le.num_ranks)]
+
+    reward_custom: dict[str, float] = {}
+    if rw.num_gpus > 0 and le.num_gpus_per_rank > 0:
+        share = rw.num_gpus / le.num_gpus_per_rank
+        reward_custom = {k: v * share for k, v in le.resources.items()}
+    reqs.append(ResourceRequest("reward", "reward", _request(rw.num_cpus, rw.num_gpus, reward_custom)))
+
+    reference = dict(learner) if le.num_gpus_per_rank > 0 else {"CPU": REFERENCE_CPUS_ON_CPU}
+    reqs.append(ResourceRequest("reference", "reference", reference))
+    return reqs
