@@ -27,7 +27,9 @@ from rlhf_ray.protocol import Sample
 from rlhf_ray.weight_sync import (
     SyncGroupSpec,
     TensorMeta,
+    abort_group,
     combine_ranks,
+    host_timeout,
     join_sync_group,
     post_receive,
     sample_columns,
@@ -94,38 +96,56 @@ def request_seed(base_seed: int, prompt_id: int, step: int) -> int:
 
 
 def _reload_weights(worker, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-    worker.model_runner.reload_weights(weights_iterator=iter(named_tensors))
+    """Through vLLM's worker-level entry point, which sets up the engine's config context around the
+    model runner's in-place reload (the model runner's own method skips it)."""
+    worker.reload_weights(weights_iterator=iter(named_tensors))
 
 
 def _join_sync_group(worker, spec: SyncGroupSpec, first_rank: int) -> None:
-    """In each vLLM worker: join the weight-sync group as rank first_rank + the worker's own rank."""
-    worker.weight_sync_group = join_sync_group(spec, first_rank + worker.rank)
+    """In each vLLM worker: join the weight-sync group as rank first_rank + the worker's own rank,
+    aborting the group it held before (a rebuilt group replaces it)."""
+    abort_group(getattr(worker, "weight_sync_group", None))
+    worker.weight_sync_group = None
+    worker.weight_sync_host_timeout = host_timeout(spec)
     worker.weight_sync_device = f"cuda:{torch.cuda.current_device()}" if spec.backend == "nccl" else "cpu"
+    worker.weight_sync_group = join_sync_group(spec, first_rank + worker.rank)
 
 
-def _receive_and_reload(worker, plan: list[list[TensorMeta]]) -> float:
-    """In each vLLM worker: receive every bucket and reload it; returns the seconds spent reloading.
+def _received_buckets(worker, plan: list[list[TensorMeta]], waited: list[float]):
+    """Yield every (name, tensor) of a broadcast, bucket after bucket, as the bytes arrive.
 
-    The next bucket's receives are posted before the current bucket loads, so bytes travel
-    while vLLM copies (and on CPU repacks) the previous layers.
+    The next bucket's receives are posted before the current bucket's tensors are handed out, so
+    bytes travel while vLLM copies (and on CPU repacks) the previous layers. Adds the seconds spent
+    waiting for bytes to `waited[0]`.
     """
     pg, device = worker.weight_sync_group, worker.weight_sync_device
-    reload_s = 0.0
     pending = post_receive(pg, plan[0], device)
     for k in range(len(plan)):
         named, works = pending
-        wait_all(works)
+        start = time.perf_counter()
+        wait_all(works, worker.weight_sync_host_timeout, pg)
+        waited[0] += time.perf_counter() - start
         if k + 1 < len(plan):
             pending = post_receive(pg, plan[k + 1], device)
-        start = time.perf_counter()
-        worker.model_runner.reload_weights(weights_iterator=iter(named))
-        reload_s += time.perf_counter() - start
-    return reload_s
+        yield from named
+
+
+def _receive_and_reload(worker, plan: list[list[TensorMeta]]) -> float:
+    """In each vLLM worker: receive every bucket and load them all in one reload call (vLLM's layerwise
+    set-up and teardown run once per broadcast, not once per bucket); returns the seconds spent in
+    the reload itself, waiting for bytes excluded (on GPU after the device has finished its copies).
+    """
+    waited = [0.0]
+    start = time.perf_counter()
+    worker.reload_weights(weights_iterator=_received_buckets(worker, plan, waited))
+    if worker.weight_sync_device != "cpu":
+        torch.cuda.current_stream().synchronize()
+    return time.perf_counter() - start - waited[0]
 
 
 def _reload_shared(worker, shared: SharedBucket) -> None:
     """In each vLLM worker: open the learner's CUDA IPC buffers on this GPU and reload from those views."""
-    worker.model_runner.reload_weights(weights_iterator=iter(open_bucket(shared)))
+    worker.reload_weights(weights_iterator=iter(open_bucket(shared)))
     torch.cuda.current_stream().synchronize()  # done reading before the learner frees the buffers
 
 

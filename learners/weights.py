@@ -95,13 +95,15 @@ def weight_metas(model: torch.nn.Module) -> list[TensorMeta]:
 
 
 def send_weights(
-    model: torch.nn.Module, plan: list[list[TensorMeta]], pg: Any, rank: int, version: int, columns: int
+    model: torch.nn.Module, plan: list[list[TensorMeta]], pg: Any, rank: int, version: int, columns: int,
+    host_timeout_s: float | None = None,
 ) -> ParamSums:
     """Broadcast the parameters bucket by bucket from rank 0 through the weight-sync group `pg`.
 
     Collective under ZeRO-3 (every rank gathers each bucket; only one bucket of full parameters
     exists at a time); only rank 0 holds `pg` and sends. Returns rank 0's `param_sums` of what it
-    sent for policy `version`, `columns` sampled per 2-D weight ({} on other ranks).
+    sent for policy `version`, `columns` sampled per 2-D weight ({} on other ranks). `host_timeout_s`
+    (NCCL) bounds each bucket on the host and aborts `pg` past it (`weight_sync.wait_all`).
     """
     params = dict(model.named_parameters())
     sums: ParamSums = {}
@@ -112,7 +114,7 @@ def send_weights(
                 named = [(m.name, p.detach()) for m, p in zip(bucket, group)]
                 works = send_bucket(pg, named, device=str(group[0].device))
                 sums.update(param_sums(named, version, columns))  # while the bytes travel
-                wait_all(works)  # before ZeRO-3 releases the gathered tensors
+                wait_all(works, host_timeout_s, pg)  # before ZeRO-3 releases the gathered tensors
     return sums
 
 

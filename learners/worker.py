@@ -24,7 +24,9 @@ from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from rlhf_ray.cuda_ipc import SharedBucket
 from rlhf_ray.modeling import response_logprobs
 from rlhf_ray.net import bind_listener, listen_address
-from rlhf_ray.weight_sync import ParamSums, SyncGroupSpec, TensorMeta, join_sync_group, store_on
+from rlhf_ray.weight_sync import (
+    ParamSums, SyncGroupSpec, TensorMeta, abort_group, host_timeout, join_sync_group, store_on,
+)
 
 from . import checkpoint
 from .batching import PER_TOKEN, micro_batches
@@ -209,7 +211,12 @@ class LearnerWorker:
             os.close(fd)
 
     def join_weight_sync(self, spec: SyncGroupSpec) -> None:
-        """Rank 0 joins the weight-sync group as its rank 0; the other ranks only take part in gathers."""
+        """Rank 0 joins the weight-sync group as its rank 0; the other ranks only take part in gathers.
+
+        A group this rank held before is aborted first, so none of its collectives lingers (NCCL).
+        """
+        abort_group(getattr(self, "sync_group", None))
+        self.sync_group, self._sync_host_timeout = None, host_timeout(spec)
         if self.rank != 0:
             self.sync_group = None
             return
@@ -221,7 +228,10 @@ class LearnerWorker:
     def send_weights(self, plan: list[list[TensorMeta]], version: int, columns: int) -> ParamSums:
         """Broadcast every parameter to the rollout actors (collective); rank 0 returns their `param_sums`."""
         model = unwrap(self.engine.module)
-        return send_weights(model, plan, getattr(self, "sync_group", None), self.rank, version, columns)
+        return send_weights(
+            model, plan, getattr(self, "sync_group", None), self.rank, version, columns,
+            getattr(self, "_sync_host_timeout", None),
+        )
 
     def share_bucket(self, bucket: list[TensorMeta], version: int, columns: int) -> tuple[SharedBucket | None, ParamSums]:
         """CUDA IPC handles of one bucket for colocated actors, and its `param_sums` (rank 0; collective).

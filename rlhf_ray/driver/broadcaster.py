@@ -43,10 +43,17 @@ class WeightBroadcaster:
     With backend "cuda_ipc" (learner rank 0 and the actors on one GPU) no group is built: the
     workers' `share_bucket(bucket, version, columns)`/`release_shared()` and the actors' `receive_shared(shared,
     version)` carry the buckets instead.
+
+    `generation_wait_s` (async mode: `rollout.call_timeout_s`) is added to every timeout of a broadcast:
+    learner rank 0 then starts sending while the actors may still be generating, and they join the
+    collective only once their generation ends.
     """
 
-    def __init__(self, learners: Any, pool: Any, cfg: WeightSyncConfig, backend: str = "gloo"):
+    def __init__(
+        self, learners: Any, pool: Any, cfg: WeightSyncConfig, backend: str = "gloo", generation_wait_s: float = 0.0
+    ):
         self.learners, self.pool, self.cfg, self.backend = learners, pool, cfg, backend
+        self.timeout_s = cfg.timeout_s + generation_wait_s
         self.learner_names: list[str] = list(learners.names)
         metas = ray.get(learners.workers[0].weight_metas.remote())
         self.plan = plan_buckets(metas, int(cfg.bucket_mb * 2**20))
@@ -58,7 +65,7 @@ class WeightBroadcaster:
     def _call(self, refs: list, names: list[str], what: str) -> list:
         """Gather the calls; a dead learner rank raises LearnerRankError (nothing on the rollout side can fix that)."""
         try:
-            return get_with_timeout(refs, names, what, self.cfg.timeout_s)
+            return get_with_timeout(refs, names, what, self.timeout_s)
         except ActorCallError as err:
             ranks = [n for n in err.dead if n in self.learner_names]
             if ranks:
@@ -80,7 +87,7 @@ class WeightBroadcaster:
             master_port=port,
             world_size=1 + len(self.pool.actors) * self.pool.workers_per_actor,
             backend=self.backend,
-            timeout_s=self.cfg.timeout_s,
+            timeout_s=self.timeout_s,
             generation=self.generation,
         )
         refs = [w.join_weight_sync.remote(spec) for w in self.learners.workers]

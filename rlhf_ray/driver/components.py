@@ -132,7 +132,8 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
         reward = RemoteCall(reward_handle, "reward", cfg.reward.timeout_s * 10)
         reference.ping()
         reward.ping()
-        broadcaster = WeightBroadcaster(policy, pool, cfg.weight_sync, weight_sync_backend(cfg))
+        wait_s = cfg.rollout.call_timeout_s if cfg.train.async_mode else 0.0  # sends may start mid-generation
+        broadcaster = WeightBroadcaster(policy, pool, cfg.weight_sync, weight_sync_backend(cfg), wait_s)
         pool.joiner = broadcaster.add_actors  # replacements of dead actors join with the current weights
         write_placement(run_dir / "placement.json", pool, [policy] + ([critic] if critic else []))
         tracker = Tracker(cfg.tracking, run_dir, cfg.train.run_name or run_dir.name, cfg.model_dump(mode="json"))
