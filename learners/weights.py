@@ -119,18 +119,20 @@ def send_weights(
 
 
 def share_bucket(
-    model: torch.nn.Module, bucket: list[TensorMeta], rank: int, version: int, columns: int
+    model: torch.nn.Module, bucket: list[TensorMeta], rank: int, version: int, columns: int, export: bool
 ) -> tuple[SharedBucket | None, list[torch.Tensor], ParamSums]:
-    """Export one bucket through CUDA IPC (colocated rollout actors): handles, buffers to keep, `param_sums`.
+    """Export one bucket through CUDA IPC for the rollout actors colocated on this rank's GPU: handles, buffers to
+    keep until they have loaded it, and (rank 0 only) `param_sums`.
 
-    Collective under ZeRO-3 (every rank gathers the bucket); only rank 0 exports, the others get
-    (None, [], {}). The buffers are copies, so the gathered parameters can be released at once.
+    Collective under ZeRO-3 (every rank gathers the bucket); ranks with `export` false get (None, [], sums).
+    The buffers are copies, so the gathered parameters can be released at once.
     """
     params = dict(model.named_parameters())
     group = [params[m.name] for m in bucket]
     with deepspeed.zero.GatheredParameters(group, modifier_rank=None):
-        if rank != 0:
-            return None, [], {}
         named = [(m.name, p.detach()) for m, p in zip(bucket, group)]
+        sums = param_sums(named, version, columns) if rank == 0 else {}
+        if not export:
+            return None, [], sums
         shared, buffers = export_bucket(named)
-        return shared, buffers, param_sums(named, version, columns)
+        return shared, buffers, sums

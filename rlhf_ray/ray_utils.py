@@ -81,3 +81,21 @@ def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, tim
     if errors:
         raise ActorCallError(f"{what} failed: " + "; ".join(errors), failed, dead)
     return out
+
+
+def local_gpu_index(gpu_ids: list, visible_devices: str | None) -> int:
+    """This process's CUDA index of the first GPU Ray assigned it (`gpu_ids` = `ray.get_gpu_ids()`).
+
+    Ray normally sets CUDA_VISIBLE_DEVICES to the assigned GPUs, which makes it index 0; with
+    RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES every GPU stays visible, and assuming 0 would put
+    every process on the node's first GPU.
+    """
+    if not gpu_ids:
+        return 0
+    first = str(gpu_ids[0])
+    if visible_devices:
+        visible = [d.strip() for d in visible_devices.split(",")]
+        if first not in visible:
+            raise RuntimeError(f"Ray assigned GPU {first}, which CUDA_VISIBLE_DEVICES={visible_devices} hides")
+        return visible.index(first)
+    return int(first)

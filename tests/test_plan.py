@@ -109,9 +109,9 @@ def test_too_few_cpus_names_the_local_head_fix():
 
 def test_each_actor_must_fit_on_one_node():
     cfg = load_config(PPO, ["rollout.tensor_parallel_size=2", "rollout.num_actors=2"])
-    with pytest.raises(PlanError, match=r"rollout-0 needs \{CPU: 4, GPU: 2, rollout: 1\} on one node") as err:
+    with pytest.raises(PlanError, match=r"rollout-0 needs \{CPU: 8, GPU: 2, rollout: 2\} on one node") as err:
         make_plan(cfg, totals(GPU_NODES), GPU_NODES)  # 4 one-GPU rollout nodes: enough GPUs in total
-    assert "rollout.num_gpus_per_actor × rollout.tensor_parallel_size" in str(err.value)
+    assert "rollout.resources × rollout.tensor_parallel_size" in str(err.value)  # 2 bundles of {rollout: 1}
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,10 @@ class WeightBroadcaster:
         self.total_bytes = sum(m.nbytes for m in metas)
         self.generation = 0
         self.members: list[str] = []
+        self.owners: list[int] = []  # cuda_ipc: per rollout actor, the learner rank that shares its GPU
         self._repairing = False
+        if backend == "cuda_ipc":
+            self._ensure_group(0)  # the UUID pairing fails now, not at the first broadcast
 
     def _call(self, refs: list, names: list[str], what: str) -> list:
         """Gather the calls; a dead learner rank raises LearnerRankError (nothing on the rollout side can fix that)."""
@@ -77,7 +80,11 @@ class WeightBroadcaster:
 
         `version` labels the learners' current weights, should a failed join force a resend.
         """
-        if self.backend == "cuda_ipc" or self.members == list(self.pool.actor_names):
+        if self.members == list(self.pool.actor_names):
+            return
+        if self.backend == "cuda_ipc":
+            self.owners = self._pair_by_gpu()
+            self.members = list(self.pool.actor_names)
             return
         self.generation += 1
         open_ref = self.learners.workers[0].open_weight_sync.remote(self.cfg.master_addr, self.cfg.interface)
@@ -137,20 +144,31 @@ class WeightBroadcaster:
         return results[0], max(results[len(send) :], default=0.0)
 
     def _share(self, version: int) -> tuple[ParamSums, float]:
-        """Colocated GPUs: per bucket, learner rank 0 exports CUDA IPC handles and every actor loads from them."""
+        """Colocated GPUs: per bucket, learner rank 0 exports CUDA IPC handles, every actor loads from them, and
+        rank 0 frees the bucket's buffers before exporting the next."""
         workers, sums, reload_s = self.learners.workers, {}, 0.0
+        exporters = set(self.owners)
         try:
             for k, bucket in enumerate(self.plan):
-                refs = [w.share_bucket.remote(bucket, version, self.cfg.verify_columns) for w in workers]
+                refs = [w.share_bucket.remote(bucket, version, self.cfg.verify_columns, i in exporters)
+                        for i, w in enumerate(workers)]
                 exported = self._call(refs, self.learner_names, f"exporting bucket {k} of v{version}")
-                shared, bucket_sums = exported[0]
-                sums |= bucket_sums
+                sums |= exported[0][1]
                 last = version if k == len(self.plan) - 1 else None
-                refs = [a.receive_shared.remote(shared, last) for a in self.pool.actors]
+                refs = [a.receive_shared.remote(exported[rank][0], last) for a, rank in zip(self.pool.actors, self.owners)]
                 reload_s += max(self._call(refs, list(self.pool.actor_names), f"loading bucket {k} of v{version}"))
+                # Freed at once: on a shared GPU a second copy of the whole model would not fit beside vLLM.
+                self._call([w.release_shared.remote() for w in workers], self.learner_names, "releasing a bucket")
         finally:
             self._call([w.release_shared.remote() for w in workers], self.learner_names, "releasing shared buffers")
         return sums, reload_s
+
+    def _pair_by_gpu(self) -> list[int]:
+        """For each rollout actor, the learner rank on its GPU (by UUID), checked when the run is built and
+        whenever the pool changes: CUDA IPC handles open only on the GPU that exported them."""
+        ranks = self._call([w.gpu_uuid.remote() for w in self.learners.workers], self.learner_names, "learner GPU UUIDs")
+        actors = self._call([a.gpu_uuid.remote() for a in self.pool.actors], list(self.pool.actor_names), "actor GPU UUIDs")
+        return pair_by_gpu(ranks, actors, list(self.pool.actor_names))
 
     def _repair_after(self, err: ActorCallError, version: int) -> None:
         """After a failed broadcast: drop dead rollout actors, resend the current weights to the survivors.
@@ -202,3 +220,16 @@ class WeightBroadcaster:
             if version != self.pool.version:
                 raise RuntimeError(f"{name} reports policy version {version}, expected {self.pool.version}")
             compare_checksums(expected_layer_sums(sent, column_sampled), sums, who=name)
+
+
+def pair_by_gpu(learner_uuids: list[str], actor_uuids: list[str], actor_names: list[str]) -> list[int]:
+    """Index of the learner rank whose GPU UUID equals each actor's; raises naming an actor without one."""
+    rank_of = {uuid: i for i, uuid in reversed(list(enumerate(learner_uuids)))}  # the lowest rank per GPU
+    missing = [f"{name} (GPU {uuid})" for name, uuid in zip(actor_names, actor_uuids) if uuid not in rank_of]
+    if missing:
+        raise RuntimeError(
+            f"weight_sync.backend=cuda_ipc: no learner rank shares the GPU of {', '.join(missing)}; learner GPUs: "
+            f"{', '.join(learner_uuids)}. Set rollout.colocate=true (each actor in its learner rank's bundle) or use "
+            "weight_sync.backend=nccl"
+        )
+    return [rank_of[uuid] for uuid in actor_uuids]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from transformers import AutoTokenizer
 
 from actors import RewardActor, ReferenceActor, RolloutPool
@@ -25,7 +26,7 @@ from rlhf_ray.driver.broadcaster import WeightBroadcaster
 from rlhf_ray.checkpoint import CheckpointWriter, capture_rng, latest_complete, load_state, restore_rng, save_state
 from rlhf_ray.config import RunConfig, save_resolved
 from rlhf_ray.data import Dataset, PromptSampler, load_dataset
-from rlhf_ray.driver.plan import resource_requests, weight_sync_backend
+from rlhf_ray.driver.plan import colocated_bundle, resource_requests, weight_sync_backend
 from rlhf_ray.driver.preflight import check_cluster, preflight
 from rlhf_ray.ray_utils import get_with_timeout, init_ray
 from rlhf_ray.rewards import RewardNormalizer
@@ -93,6 +94,20 @@ def total_policy_updates(cfg: RunConfig) -> int:
     return cfg.train.steps * cfg.learner.ppo_epochs * (samples // cfg.learner.minibatch_size)
 
 
+def colocated_placement(cfg: RunConfig) -> PlacementGroup | None:
+    """With rollout.colocate, a placement group of learner.num_ranks bundles, each holding one learner rank and one
+    rollout actor (so they share its GPU); None otherwise. The caller removes it."""
+    if not cfg.rollout.colocate:
+        return None
+    bundle = colocated_bundle(cfg)
+    pg = placement_group([bundle] * cfg.learner.num_ranks, strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=cfg.rollout.call_timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise RuntimeError(f"rollout.colocate: {cfg.learner.num_ranks} bundles of {bundle} could not be placed")
+    return pg
+
+
 def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
     """Start Ray and every actor of an RL run; writes the resolved config into `run_dir`."""
     preflight(cfg, run_dir)
@@ -106,9 +121,14 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
     check_cluster(cfg, ray.cluster_resources(), ray.nodes())
     closers: list = []
     try:
-        pool = RolloutPool(cfg.model, cfg.rollout)
+        shared = colocated_placement(cfg)  # rollout.colocate: one bundle per (learner rank, rollout actor) pair
+        if shared is not None:
+            closers.append(lambda: remove_placement_group(shared))
+        pool = RolloutPool(cfg.model, cfg.rollout, colocate_in=shared)
         closers.append(pool.shutdown)
-        policy = LearnerGroup("policy", cfg.model.policy_path, cfg.learner, cfg.model, cfg.algorithm, total_policy_updates(cfg))
+        policy = LearnerGroup(
+            "policy", cfg.model.policy_path, cfg.learner, cfg.model, cfg.algorithm, total_policy_updates(cfg), shared
+        )
         closers.append(policy.shutdown)
         critic = None
         if cfg.algorithm.uses_critic:

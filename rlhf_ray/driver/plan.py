@@ -7,8 +7,10 @@ missing resource, how much is needed, how much the cluster has, and the fix. `pl
 plan for a live cluster (or a local head on 127.0.0.1) before anything heavy starts.
 
 Assumptions, stated once:
-- A rollout actor holds all GPUs of its tensor-parallel group (num_gpus_per_actor × tensor_parallel_size)
-  on one node, its CPUs (num_cpus_per_actor) and `rollout.resources` once.
+- A rollout actor reserves one bundle per tensor-parallel worker on one node, each bundle with
+  num_gpus_per_actor GPUs, num_cpus_per_actor CPUs and `rollout.resources`: tensor_parallel_size times each.
+- A colocated rollout actor (`rollout.colocate`) sits in a learner rank's bundle, on that rank's GPU; the totals
+  are the same as apart.
 - On GPU learners, the reference actor takes one learner-sized slot (the CPUs, GPUs and custom resources
   of a learner rank), and a reward model on GPU takes the learner pool's custom resources in proportion
   to its GPUs: models with a fixed size live in the learner pool, so the rollout pool scales on its own.
@@ -30,9 +32,9 @@ BUILTIN = ("CPU", "GPU")
 COUNT_FIELD = {"rollout": "rollout.num_actors", "learner": "learner.num_ranks"}
 AMOUNT_FIELD = {
     "rollout": {
-        "CPU": "rollout.num_cpus_per_actor",
+        "CPU": "rollout.num_cpus_per_actor × rollout.tensor_parallel_size",
         "GPU": "rollout.num_gpus_per_actor × rollout.tensor_parallel_size",
-        "custom": "rollout.resources",
+        "custom": "rollout.resources × rollout.tensor_parallel_size",
     },
     "learner": {"CPU": "learner.num_cpus_per_rank", "GPU": "learner.num_gpus_per_rank", "custom": "learner.resources"},
     "reward": {"CPU": "reward.num_cpus", "GPU": "reward.num_gpus", "custom": "reward.num_gpus"},
@@ -71,7 +73,8 @@ def resource_requests(cfg: RunConfig) -> list[ResourceRequest]:
     """One request per actor of the run: rollout actors, policy (and PPO critic) learner ranks, the reward and
     the reference actor; names as the run gives them."""
     ro, le, rw = cfg.rollout, cfg.learner, cfg.reward
-    rollout = _request(ro.num_cpus_per_actor, ro.num_gpus_per_actor * ro.tensor_parallel_size, ro.resources)
+    tp = ro.tensor_parallel_size
+    rollout = _request(ro.num_cpus_per_actor * tp, ro.num_gpus_per_actor * tp, {k: v * tp for k, v in ro.resources.items()})
     learner = _request(le.num_cpus_per_rank, le.num_gpus_per_rank, le.resources)
     reqs = [ResourceRequest(f"rollout-{i}", "rollout", dict(rollout)) for i in range(ro.num_actors)]
     roles = ("policy", "critic") if cfg.algorithm.uses_critic else ("policy",)
@@ -88,10 +91,22 @@ def resource_requests(cfg: RunConfig) -> list[ResourceRequest]:
     return reqs
 
 
+def colocated_bundle(cfg: RunConfig) -> dict[str, float]:
+    """rollout.colocate: one placement-group bundle holding a learner rank and its rollout actor (summed requests)."""
+    ro, le = cfg.rollout, cfg.learner
+    out = _request(le.num_cpus_per_rank, le.num_gpus_per_rank, le.resources)
+    for k, v in _request(ro.num_cpus_per_actor, ro.num_gpus_per_actor, ro.resources).items():
+        out[k] = out.get(k, 0.0) + v
+    return out
+
+
 def weight_sync_backend(cfg: RunConfig) -> str:
-    """The weight-sync transport: the configured one, or for "auto" NCCL on GPU learners and gloo on CPU."""
+    """The weight-sync transport: the configured one, or for "auto" CUDA IPC when each rollout actor shares its
+    learner rank's GPU (`rollout.colocate`: NCCL refuses two ranks on one GPU), NCCL between GPUs, gloo on CPU."""
     if cfg.weight_sync.backend != "auto":
         return cfg.weight_sync.backend
+    if cfg.rollout.colocate:
+        return "cuda_ipc"
     return "nccl" if cfg.learner.num_gpus_per_rank > 0 else "gloo"
 
 
