@@ -221,3 +221,13 @@ def test_colocated_cuda_ipc_broadcast(gpu_model_dir: Path, ray_cluster: None) ->
 @pytest.mark.gpu
 def test_nccl_broadcast_between_gpus(gpu_model_dir: Path, ray_cluster: None) -> None:
     assert _broadcast_and_check(gpu_model_dir, "nccl", learner_gpus=1, actor_gpus=1) < 1e-3
+
+
+def test_colocated_recipe_fits_one_8_gpu_node() -> None:
+    cfg = load_config(ROOT / "configs" / "qwen2.5-1.5b-grpo-colocated.yaml")
+    nodes = [{"NodeID": "n0", "Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": 96.0, "GPU": 8.0}}]
+    plan = make_plan(cfg, {"CPU": 96.0, "GPU": 8.0}, nodes)
+    assert plan.transport == "cuda_ipc" and cfg.rollout.enable_sleep_mode
+    assert "per GPU learner 0.5 + rollout 0.4 of a GPU" in plan.render()
+    # 7 pairs of 0.9 GPU: the reference's learner-sized 0.5 fits beside none of them, so it takes the 8th GPU.
+    assert colocated_bundle(cfg)["GPU"] == pytest.approx(0.9) and cfg.learner.num_ranks == 7
