@@ -107,14 +107,20 @@ def send_weights(
     """
     params = dict(model.named_parameters())
     sums: ParamSums = {}
+    failed: Exception | None = None
     for bucket in plan:
         group = [params[m.name] for m in bucket]
         with deepspeed.zero.GatheredParameters(group, modifier_rank=None):
-            if rank == 0:
+            if rank == 0 and failed is None:
                 named = [(m.name, p.detach()) for m, p in zip(bucket, group)]
-                works = send_bucket(pg, named, device=str(group[0].device))
-                sums.update(param_sums(named, version, columns))  # while the bytes travel
-                wait_all(works, host_timeout_s, pg)  # before ZeRO-3 releases the gathered tensors
+                try:
+                    works = send_bucket(pg, named, device=str(group[0].device))
+                    sums.update(param_sums(named, version, columns))  # while the bytes travel
+                    wait_all(works, host_timeout_s, pg)  # before ZeRO-3 releases the gathered tensors
+                except Exception as err:  # noqa: BLE001 - re-raised below, once the other ranks' gathers are done
+                    failed = err
+    if failed is not None:  # rank 0 kept gathering with the others, so no rank waits in a gather it left
+        raise failed
     return sums
 
 

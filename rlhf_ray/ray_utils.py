@@ -56,7 +56,7 @@ def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, tim
     """
     ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     pending = set(not_ready)
-    out, errors, failed, dead = [], [], [], []
+    out, errors, failed, dead, raised = [], [], [], [], []
     for ref, name in zip(refs, names):
         if ref in pending:
             continue
@@ -69,11 +69,13 @@ def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, tim
             failed.append(name)
             dead.append(name)
         except ray.exceptions.RayTaskError as err:
-            if not errors and not pending:
-                # An exception raised by our own code inside the actor: keep its type and message.
-                raise err.as_instanceof_cause() from None
+            raised.append(err)
             errors.append(f"{name} raised {str(err.cause)[:200] if err.cause else type(err).__name__}")
             failed.append(name)
+    if raised and not dead and not pending:
+        # Exceptions raised by our own code inside the actors, none dead or late: keep the first one's type and
+        # message. (A dead peer explains the others' errors in a collective, so it is named instead.)
+        raise raised[0].as_instanceof_cause() from None
     if pending:
         late = [n for r, n in zip(refs, names) if r in pending]
         errors.append(f"no answer within {timeout_s:.0f}s from {', '.join(late)}")
