@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-cpu
 EXTRAS ?= cpu,test
 
-.PHONY: install demo test test-fast test-all bench clean
+.PHONY: install demo test test-fast test-all bench gpu-check clean
 
 install: $(STAMP)
 
@@ -34,6 +34,14 @@ bench: install
 test-fast: install
 	$(PY) -m pytest -q tests -m "not slow and not bench"
 
+# One GPU, no network beyond the package index: installs the GPU extra into .venv-gpu, builds its models locally,
+# checks generation, a bf16 learner step, the colocated CUDA-IPC broadcast with sleep mode and 3 colocated GRPO
+# steps, and prints one JSON line of figures (tests/gpu/gpu_check.py; --dry-run does the non-GPU parts anywhere).
+GPU_VENV ?= .venv-gpu
+gpu-check:
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet -e '.[gpu,test]'
+	$(GPU_VENV)/bin/python tests/gpu/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs bench/out .pytest_cache

@@ -10,6 +10,15 @@ from rlhf_ray.config import ModelConfig, RewardConfig
 from rlhf_ray.rewards import RewardFunctionError, call_rule, load_reward_fn
 
 
+def reward_engine_options(num_gpus: float, kv_cache_space_gib: float) -> dict:
+    """CPU only: eager mode and a fixed KV cache (`kv_cache_space_gib`); on GPU vLLM sizes its cache from
+    gpu_memory_utilization and captures CUDA graphs."""
+    if num_gpus > 0:
+        return {}
+    # Not VLLM_CPU_KVCACHE_SPACE: vLLM parses it as whole GiB.
+    return {"enforce_eager": True, "kv_cache_memory_bytes": int(kv_cache_space_gib * 2**30)}
+
+
 class RewardActor:
     """Scores (prompt, response) pairs: weighted reward-model score + weighted rule functions.
 
@@ -36,9 +45,7 @@ class RewardActor:
                 trust_remote_code=model_cfg.trust_remote_code,
                 load_format="safetensors",  # never a pickle checkpoint
                 gpu_memory_utilization=0.3,
-                enforce_eager=True,
-                # Not VLLM_CPU_KVCACHE_SPACE: vLLM parses it as whole GiB.
-                kv_cache_memory_bytes=int(reward_cfg.kv_cache_space_gib * 2**30),
+                **reward_engine_options(reward_cfg.num_gpus, reward_cfg.kv_cache_space_gib),
             )
 
     def model_scores(self, sequences: list[list[int]]) -> list[float]:

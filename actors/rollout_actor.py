@@ -22,32 +22,22 @@ import time
 import torch
 
 from rlhf_ray.config import ModelConfig, RolloutConfig, SamplingConfig
-from rlhf_ray.cuda_ipc import SharedBucket, open_bucket
+from rlhf_ray.cuda_ipc import SharedBucket
 from rlhf_ray.protocol import Sample
-from rlhf_ray.weight_sync import (
-    SyncGroupSpec,
-    TensorMeta,
-    combine_ranks,
-    join_sync_group,
-    post_receive,
-    sample_columns,
-    sum_by_layer,
-    wait_all,
+from rlhf_ray.weight_sync import SyncGroupSpec, TensorMeta, combine_ranks, sum_by_layer
+
+from .vllm_worker import (
+    join_group_in_worker,
+    parameter_sums,
+    receive_and_reload,
+    reload_shared,
+    reload_in_worker,
+    weight_groups,
+    worker_gpu_uuid,
 )
 
 log = logging.getLogger(__name__)
 
-
-class _PartialReloadFilter(logging.Filter):
-    """Drops vLLM's "weights were not loaded" warning: a bucket reloads only its own layers by design,
-    and the checksums after every broadcast prove that every layer arrived."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Following weights were not loaded")
-
-
-# Module level, so it is installed in every process that runs this module's worker functions.
-logging.getLogger("vllm.model_executor.model_loader.reload.inplace").addFilter(_PartialReloadFilter())
 
 Request = tuple[int, list[int]]  # (prompt_id, prompt token ids)
 
@@ -93,91 +83,23 @@ def request_seed(base_seed: int, prompt_id: int, step: int) -> int:
     return int.from_bytes(digest, "little") % (2**31 - 2**16)
 
 
-def _reload_weights(worker, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-    worker.model_runner.reload_weights(weights_iterator=iter(named_tensors))
+def engine_options(cfg: RolloutConfig, max_model_len: int) -> dict:
+    """The `vllm.LLM` arguments that differ between CPU and GPU rollout actors.
 
-
-def _join_sync_group(worker, spec: SyncGroupSpec, first_rank: int) -> None:
-    """In each vLLM worker: join the weight-sync group as rank first_rank + the worker's own rank."""
-    worker.weight_sync_group = join_sync_group(spec, first_rank + worker.rank)
-    worker.weight_sync_device = f"cuda:{torch.cuda.current_device()}" if spec.backend == "nccl" else "cpu"
-
-
-def _receive_and_reload(worker, plan: list[list[TensorMeta]]) -> float:
-    """In each vLLM worker: receive every bucket and reload it; returns the seconds spent reloading.
-
-    The next bucket's receives are posted before the current bucket loads, so bytes travel
-    while vLLM copies (and on CPU repacks) the previous layers.
+    CPU only: a fixed KV cache, eager mode, and chunked prefill off (a prompt split across scheduler
+    steps rewinds its seeded generator, which the CPU build cannot do: "CPU Generator does not use
+    offset"). On GPU vLLM sizes the KV cache from gpu_memory_utilization, captures CUDA graphs and
+    chunks long prefills; tensor-parallel workers then run as Ray actors in the pool's bundles.
     """
-    pg, device = worker.weight_sync_group, worker.weight_sync_device
-    reload_s = 0.0
-    pending = post_receive(pg, plan[0], device)
-    for k in range(len(plan)):
-        named, works = pending
-        wait_all(works)
-        if k + 1 < len(plan):
-            pending = post_receive(pg, plan[k + 1], device)
-        start = time.perf_counter()
-        worker.model_runner.reload_weights(weights_iterator=iter(named))
-        reload_s += time.perf_counter() - start
-    return reload_s
-
-
-def _reload_shared(worker, shared: SharedBucket) -> None:
-    """In each vLLM worker: open the learner's CUDA IPC buffers on this GPU and reload from those views."""
-    worker.model_runner.reload_weights(weights_iterator=iter(open_bucket(shared)))
-    torch.cuda.current_stream().synchronize()  # done reading before the learner frees the buffers
-
-
-def _weight_groups(worker) -> dict[str, str]:
-    """HF tensor name -> the vLLM module it loads into (e.g. q_proj.bias -> qkv_proj).
-
-    Covers modules whose names map one-to-one or through the model's packed (fused) modules;
-    tensors of models that rename more than that are not listed and go to vLLM unchecked.
-    """
-    model = worker.model_runner.get_model()
-    packed = getattr(model, "packed_modules_mapping", {})
-    groups = {}
-    for module_name, module in model.named_modules():
-        params = [name for name, _ in module.named_parameters(recurse=False)]
-        parent, _, leaf = module_name.rpartition(".")
-        for source in packed.get(leaf, [leaf]):
-            prefix = f"{parent}.{source}" if parent else source
-            groups.update({f"{prefix}.{p}": module_name for p in params})
-    return groups
-
-
-def _packed_linear_sum(module: torch.nn.Module, columns: list[int], block: int = 1024) -> float:
-    """Sum of a CPU linear layer's weight over the input `columns`, read back through its packed kernel.
-
-    On CPU vLLM repacks linear weights for oneDNN and drops `weight`; multiplying identity rows
-    (x = e_i) returns W[:, i] exactly, so this checks the weights the engine really computes with.
-    """
-    k = module.input_size_per_partition
-    total = 0.0
-    for start in range(0, len(columns), block):
-        cols = torch.tensor(columns[start : start + block])
-        eye = torch.zeros(len(cols), k, dtype=module.weight.dtype)
-        eye[torch.arange(len(cols)), cols] = 1.0
-        total += float(module.cpu_linear(eye, None, None).double().sum())
-    return total
-
-
-def _parameter_sums(worker, version: int, columns: int) -> tuple[dict[str, float], set[str]]:
-    """float64 sum of every parameter this worker holds, keyed by vLLM's names, and the vLLM modules whose
-    weight is summed over `sample_columns(in_features, version, columns)` only: the linear layers CPU
-    vLLM repacked, read back through their kernel (other tensors are summed whole)."""
-    sums, packed = {}, set()
-    for module_name, module in worker.model_runner.get_model().named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            name = f"{module_name}.{param_name}" if module_name else param_name
-            if param.numel() == 0 and param_name == "weight" and hasattr(module, "cpu_linear"):
-                k = module.input_size_per_partition
-                sums[name] = _packed_linear_sum(module, sample_columns(k, version, columns))
-                packed.add(module_name)
-            else:
-                sums[name] = float(param.detach().sum(dtype=torch.float64))
-    return sums, packed
+    if cfg.num_gpus_per_actor == 0:
+        return {
+            # Not VLLM_CPU_KVCACHE_SPACE: vLLM parses it as whole GiB and it overrides this argument.
+            "kv_cache_memory_bytes": int(cfg.kv_cache_space_gib * 2**30),
+            "enforce_eager": True,
+            "enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(8192, max_model_len),
+        }
+    return {"distributed_executor_backend": "ray"} if cfg.tensor_parallel_size > 1 else {}
 
 
 class RolloutActor:
@@ -194,13 +116,6 @@ class RolloutActor:
 
         self.name = name
         self.model_cfg, self.cfg = model_cfg, rollout_cfg
-        on_cpu = rollout_cfg.num_gpus_per_actor == 0
-        extra = {}
-        if on_cpu:
-            # Not VLLM_CPU_KVCACHE_SPACE: vLLM parses it as whole GiB and it overrides this argument.
-            extra["kv_cache_memory_bytes"] = int(rollout_cfg.kv_cache_space_gib * 2**30)
-        elif rollout_cfg.tensor_parallel_size > 1:
-            extra["distributed_executor_backend"] = "ray"  # workers go into the pool's placement group
         self.llm = LLM(
             model=model_cfg.policy_path,
             dtype=model_cfg.dtype,
@@ -209,20 +124,18 @@ class RolloutActor:
             load_format="safetensors",  # never a pickle checkpoint
             tensor_parallel_size=rollout_cfg.tensor_parallel_size,
             gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
-            enforce_eager=on_cpu,
             seed=rollout_cfg.seed,
             logprobs_mode="processed_logprobs",
             generation_config="vllm",  # sampling comes from SamplingConfig only, never the checkpoint
-            # A prompt split across scheduler steps rewinds its seeded generator, which the CPU build
-            # cannot do ("CPU Generator does not use offset"): schedule every prompt whole.
-            enable_chunked_prefill=False,
-            max_num_batched_tokens=max(8192, model_cfg.max_model_len),
-            **extra,
+            enable_sleep_mode=rollout_cfg.enable_sleep_mode,
+            **engine_options(rollout_cfg, model_cfg.max_model_len),
         )
         # One short sampled generation now, so one-off kernel set-up is not billed to the first rollout.
         warmup = SamplingParams(n=2, max_tokens=2, logprobs=0, seed=0, detokenize=False)
         self.llm.generate([{"prompt_token_ids": [0]}], warmup, use_tqdm=False)
-        self._weight_groups = self.llm.collective_rpc(_weight_groups)[0]
+        self._weight_groups = self.llm.collective_rpc(weight_groups)[0]
+        self._asleep: set[str] = set()  # memory tags vLLM has released: "weights", "kv_cache"
+        self._sleep()  # a colocated learner starts next to an engine that holds no GPU memory it does not need
         self._version = 0
         self._tokens_generated = 0
         self._last_call_seconds = 0.0
@@ -257,7 +170,9 @@ class RolloutActor:
             for prompt_id, _ in requests
         ]
         prompts = [{"prompt_token_ids": ids} for _, ids in requests]
+        self._wake("weights", "kv_cache")
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        self._sleep()
 
         samples = []
         for (prompt_id, ids), output in zip(requests, outputs, strict=True):
@@ -292,6 +207,23 @@ class RolloutActor:
         self._reload(named_tensors)
         self._version = version
 
+    # ------------------------------------------------------------------ sleep mode (GPU, rollout.enable_sleep_mode)
+
+    def _sleep(self) -> None:
+        """After a generation: offload the weights to CPU memory and free the KV cache (sleep level 1), so a
+        colocated learner has the GPU. Level 1, not 2: an engine woken without a weight sync in between (an
+        evaluation, a retried batch) must still hold the current weights."""
+        if self.cfg.enable_sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = {"weights", "kv_cache"}
+
+    def _wake(self, *tags: str) -> None:
+        """Give `tags` their GPU memory back: "weights" before a reload, "kv_cache" once the weights are in."""
+        tags = tuple(t for t in tags if t in self._asleep)
+        if tags:
+            self.llm.wake_up(list(tags))
+            self._asleep -= set(tags)
+
     def _check_complete(self, names: set[str]) -> None:
         """Raise unless `names` cover every tensor of each vLLM module they touch (fused modules load whole)."""
         touched = {self._weight_groups[n] for n in names if n in self._weight_groups}
@@ -304,7 +236,9 @@ class RolloutActor:
 
     def _reload(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         self._check_complete({name for name, _ in named_tensors})
-        self.llm.collective_rpc(_reload_weights, args=(named_tensors,))
+        self._wake("weights")
+        self.llm.collective_rpc(reload_in_worker, args=(named_tensors,))
+        self._wake("kv_cache")
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 
     # ------------------------------------------------------------------ weight broadcast
@@ -314,7 +248,7 @@ class RolloutActor:
 
         The workers take ranks rank .. rank + tensor_parallel_size - 1; a new group replaces any earlier one.
         """
-        self.llm.collective_rpc(_join_sync_group, args=(spec, rank))
+        self.llm.collective_rpc(join_group_in_worker, args=(spec, rank))
         self._sync_generation = spec.generation
 
     def receive_weights(self, plan: list[list[TensorMeta]], version: int) -> float:
@@ -331,7 +265,9 @@ class RolloutActor:
             raise ValueError(f"{self.name}: weights of version {version} are older than the served {self._version}")
         for bucket in plan:
             self._check_complete({m.name for m in bucket})
-        reload_s = max(self.llm.collective_rpc(_receive_and_reload, args=(plan,)))
+        self._wake("weights")
+        reload_s = max(self.llm.collective_rpc(receive_and_reload, args=(plan,)))
+        self._wake("kv_cache")
         self.llm.reset_prefix_cache()
         self._version = version
         return reload_s
@@ -340,14 +276,16 @@ class RolloutActor:
         """Load one bucket from the colocated learner's CUDA IPC handles; returns the reload seconds.
 
         The broadcaster sends the buckets in order and passes `version` with the last one, after
-        which the actor serves that version (Ray runs one call at a time, so no generate call
+        which the actor wakes its KV cache (sleep mode) and serves that version (Ray runs one call at a time, so no generate call
         sees a half-loaded model).
         """
         start = time.perf_counter()
         self._check_complete({m.name for m in shared.metas})
-        self.llm.collective_rpc(_reload_shared, args=(shared,))
-        self.llm.reset_prefix_cache()
-        if version is not None:
+        self._wake("weights")
+        self.llm.collective_rpc(reload_shared, args=(shared,))
+        if version is not None:  # the last bucket
+            self._wake("kv_cache")
+            self.llm.reset_prefix_cache()
             self._version = version
         return time.perf_counter() - start
 
@@ -366,9 +304,10 @@ class RolloutActor:
         return self._loaded_sums(0)[0]
 
     def _loaded_sums(self, columns: int) -> tuple[dict[str, float], list[str]]:
+        self._wake("weights")
         if self.cfg.tensor_parallel_size > 1:
             columns = 0  # a row-parallel shard holds a slice of the input columns: read every one
-        per_rank = self.llm.collective_rpc(_parameter_sums, args=(self._version, columns))
+        per_rank = self.llm.collective_rpc(parameter_sums, args=(self._version, columns))
         packed = per_rank[0][1] if columns else set()
         column_sampled = [hf for hf, module in self._weight_groups.items() if module in packed and hf.endswith(".weight")]
         return combine_ranks([sums for sums, _ in per_rank]), column_sampled
@@ -383,6 +322,10 @@ class RolloutActor:
     def last_call_seconds(self) -> float:
         """Wall-clock seconds of the last `generate` call inside this actor."""
         return self._last_call_seconds
+
+    def gpu_uuid(self) -> str:
+        """The UUID of the GPU this actor's (single) vLLM worker runs on, for pairing with a colocated learner rank."""
+        return self.llm.collective_rpc(worker_gpu_uuid)[0]
 
     def ping(self) -> str:
         return self.name

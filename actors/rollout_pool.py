@@ -35,6 +35,7 @@ from rlhf_ray.config import ModelConfig, RolloutConfig, SamplingConfig
 from rlhf_ray.protocol import ActorFailure, RolloutResult, Sample
 from rlhf_ray.ray_utils import ActorCallError, get_with_timeout
 from rlhf_ray.sizing import ray_options, rollout_bundles
+from actors.placement import free_bundle, tensor_parallel_env
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ class Member:
     actor: ActorHandle
     name: str
     core: int | None  # CPU core its engine is pinned to
-    placement_group: PlacementGroup | None  # GPU bundles
+    placement_group: PlacementGroup | None  # GPU bundles it owns
+    bundle: int | None = None  # colocated: its bundle in the shared placement group (a learner rank's)
     node_id: str = ""
     node_ip: str = ""
 
@@ -82,12 +84,16 @@ class PendingRollout:
 class RolloutPool:
     """`num_actors` RolloutActors; `generate` fans a batch out and gathers it back in prompt order."""
 
-    def __init__(self, model_cfg: ModelConfig, rollout_cfg: RolloutConfig):
+    def __init__(
+        self, model_cfg: ModelConfig, rollout_cfg: RolloutConfig, colocate_in: PlacementGroup | None = None
+    ):
         if not model_cfg.policy_path:
             raise ValueError(
                 "model.policy_path is empty; set it to the policy's folder (`rlhf-ray make-tiny` makes one)"
             )
         self.model_cfg, self.cfg = model_cfg, rollout_cfg
+        # rollout.colocate: actor i goes into bundle i of this group, whose learner rank i shares its GPU.
+        self.colocate_in = colocate_in
         self.members: list[Member] = []
         self.version = 0  # policy version every actor serves; set by the weight-broadcast layer
         self._next_index = 0  # names are never reused, so logs stay unambiguous
@@ -123,11 +129,13 @@ class RolloutPool:
         """The core with the fewest engines pinned to it (lowest id on ties)."""
         return min(range(os.cpu_count() or 1), key=lambda c: (taken.count(c), c))
 
-    def _actor_options(self, core: int | None) -> tuple[dict, PlacementGroup | None]:
-        """Ray options for one actor, and the placement group it occupies (GPU only): the requests
-        `rlhf_ray.sizing` makes for `rlhf-ray plan`."""
+    def _actor_options(self, core: int | None, bundle: int | None = None) -> tuple[dict, PlacementGroup | None]:
+        """Ray options for one actor, and the placement group it owns (GPU only; none when colocated in `bundle`)."""
         cfg = self.cfg
         bundles = rollout_bundles(cfg)
+        if bundle is not None:
+            strategy = PlacementGroupSchedulingStrategy(placement_group=self.colocate_in, placement_group_bundle_index=bundle)
+            return ray_options(bundles[0]) | {"scheduling_strategy": strategy}, None
         if cfg.num_gpus_per_actor == 0:
             env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
             if core is not None:
@@ -142,7 +150,8 @@ class RolloutPool:
         if cfg.tensor_parallel_size == 1:
             return ray_options(bundles[0]) | {"scheduling_strategy": strategy}, pg
         # tp > 1: the actor only drives the engine; vLLM's Ray workers take the bundles' GPUs.
-        return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": strategy}, pg
+        env = {"env_vars": tensor_parallel_env(cfg.num_gpus_per_actor)}
+        return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": strategy, "runtime_env": env}, pg
 
     def _launch(self, k: int) -> list[Member]:
         """Start k actors and wait until every engine has loaded; they are not yet in the pool."""
@@ -150,13 +159,17 @@ class RolloutPool:
         on_cpu = self.cfg.num_gpus_per_actor == 0
         taken = [m.core for m in self.members]
         new: list[Member] = []
+        used = {m.bundle for m in self.members}
         for _ in range(k):
             core = self._free_core(taken) if on_cpu and self.cfg.pin_cpu_cores else None
             taken.append(core)
-            options, pg = self._actor_options(core)
+            bundle = None if self.colocate_in is None else free_bundle(self.colocate_in.bundle_count, used)
+            used.add(bundle)
+            options, pg = self._actor_options(core, bundle)
             name = f"rollout-{self._next_index}"
             self._next_index += 1
-            new.append(Member(remote_cls.options(**options).remote(self.model_cfg, self.cfg, name), name, core, pg))
+            actor = remote_cls.options(**options).remote(self.model_cfg, self.cfg, name)
+            new.append(Member(actor, name, core, pg, bundle))
         places = self._call(new, [m.actor.where.remote() for m in new], "starting rollout actors")
         for m, place in zip(new, places):
             m.node_id, m.node_ip = place["node_id"], place["node_ip"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.algorithms import sft_loss
@@ -54,6 +54,7 @@ class LearnerGroup:
         model_cfg: ModelConfig,
         algo_cfg: AlgorithmConfig | None = None,
         total_steps: int | None = None,
+        placement: PlacementGroup | None = None,
     ):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -65,10 +66,12 @@ class LearnerGroup:
         self.num_updates = 0  # seeds the minibatch shuffle of each update
         n, cfg = learner_cfg.num_ranks, learner_cfg
         bundle = learner_rank_request(cfg)  # as `rlhf-ray plan` shows it
-        self.placement_group = placement_group([bundle] * n, strategy="PACK")
+        # `placement`: a group the caller owns, one bundle per rank that a colocated rollout actor shares.
+        self._owns_placement = placement is None
+        self.placement_group = placement or placement_group([bundle] * n, strategy="PACK")
         ready, _ = ray.wait([self.placement_group.ready()], timeout=cfg.call_timeout_s)
         if not ready:
-            remove_placement_group(self.placement_group)
+            self._remove_placement()
             raise ActorCallError(
                 f"{role} learner group: {n} bundles of {bundle} could not be placed within "
                 f"{cfg.call_timeout_s:.0f}s; the cluster has {ray.available_resources()} available"
@@ -299,7 +302,11 @@ class LearnerGroup:
     def _release(self) -> None:
         for w in self.workers:
             ray.kill(w)
-        remove_placement_group(self.placement_group)
+        self._remove_placement()
+
+    def _remove_placement(self) -> None:
+        if self._owns_placement:
+            remove_placement_group(self.placement_group)
 
     def __enter__(self) -> "LearnerGroup":
         return self

@@ -95,40 +95,50 @@ def weight_metas(model: torch.nn.Module) -> list[TensorMeta]:
 
 
 def send_weights(
-    model: torch.nn.Module, plan: list[list[TensorMeta]], pg: Any, rank: int, version: int, columns: int
+    model: torch.nn.Module, plan: list[list[TensorMeta]], pg: Any, rank: int, version: int, columns: int,
+    host_timeout_s: float | None = None,
 ) -> ParamSums:
     """Broadcast the parameters bucket by bucket from rank 0 through the weight-sync group `pg`.
 
     Collective under ZeRO-3 (every rank gathers each bucket; only one bucket of full parameters
     exists at a time); only rank 0 holds `pg` and sends. Returns rank 0's `param_sums` of what it
-    sent for policy `version`, `columns` sampled per 2-D weight ({} on other ranks).
+    sent for policy `version`, `columns` sampled per 2-D weight ({} on other ranks). `host_timeout_s`
+    (NCCL) bounds each bucket on the host and aborts `pg` past it (`weight_sync.wait_all`).
     """
     params = dict(model.named_parameters())
     sums: ParamSums = {}
+    failed: Exception | None = None
     for bucket in plan:
         group = [params[m.name] for m in bucket]
         with deepspeed.zero.GatheredParameters(group, modifier_rank=None):
-            if rank == 0:
+            if rank == 0 and failed is None:
                 named = [(m.name, p.detach()) for m, p in zip(bucket, group)]
-                works = send_bucket(pg, named, device=str(group[0].device))
-                sums.update(param_sums(named, version, columns))  # while the bytes travel
-                wait_all(works)  # before ZeRO-3 releases the gathered tensors
+                try:
+                    works = send_bucket(pg, named, device=str(group[0].device))
+                    sums.update(param_sums(named, version, columns))  # while the bytes travel
+                    wait_all(works, host_timeout_s, pg)  # before ZeRO-3 releases the gathered tensors
+                except Exception as err:  # noqa: BLE001 - re-raised below, once the other ranks' gathers are done
+                    failed = err
+    if failed is not None:  # rank 0 kept gathering with the others, so no rank waits in a gather it left
+        raise failed
     return sums
 
 
 def share_bucket(
-    model: torch.nn.Module, bucket: list[TensorMeta], rank: int, version: int, columns: int
+    model: torch.nn.Module, bucket: list[TensorMeta], rank: int, version: int, columns: int, export: bool
 ) -> tuple[SharedBucket | None, list[torch.Tensor], ParamSums]:
-    """Export one bucket through CUDA IPC (colocated rollout actors): handles, buffers to keep, `param_sums`.
+    """Export one bucket through CUDA IPC for the rollout actors colocated on this rank's GPU: handles, buffers to
+    keep until they have loaded it, and (rank 0 only) `param_sums`.
 
-    Collective under ZeRO-3 (every rank gathers the bucket); only rank 0 exports, the others get
-    (None, [], {}). The buffers are copies, so the gathered parameters can be released at once.
+    Collective under ZeRO-3 (every rank gathers the bucket); ranks with `export` false get (None, [], sums).
+    The buffers are copies, so the gathered parameters can be released at once.
     """
     params = dict(model.named_parameters())
     group = [params[m.name] for m in bucket]
     with deepspeed.zero.GatheredParameters(group, modifier_rank=None):
-        if rank != 0:
-            return None, [], {}
         named = [(m.name, p.detach()) for m, p in zip(bucket, group)]
+        sums = param_sums(named, version, columns) if rank == 0 else {}
+        if not export:
+            return None, [], sums
         shared, buffers = export_bucket(named)
-        return shared, buffers, param_sums(named, version, columns)
+        return shared, buffers, sums

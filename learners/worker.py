@@ -21,11 +21,14 @@ import torch
 import torch.distributed as dist
 
 from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
-from rlhf_ray.cuda_ipc import SharedBucket
+from rlhf_ray.cuda_ipc import SharedBucket, gpu_uuid
 from rlhf_ray.modeling import response_logprobs
 from rlhf_ray.protocol import PER_TOKEN_FIELDS, Experience, TensorBatch
 from rlhf_ray.net import bind_listener, listen_address
-from rlhf_ray.weight_sync import ParamSums, SyncGroupSpec, TensorMeta, join_sync_group, store_on
+from rlhf_ray.ray_utils import local_gpu_index
+from rlhf_ray.weight_sync import (
+    ParamSums, SyncGroupSpec, TensorMeta, abort_group, host_timeout, join_sync_group, store_on,
+)
 
 from . import checkpoint
 from .batching import micro_batches
@@ -87,11 +90,14 @@ class LearnerWorker:
 
     def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
         """Join the process group and build the engine; returns {"params": count, "device": name}."""
+        gpu = local_gpu_index(ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")) if self.on_gpu else 0
         os.environ.update(
-            RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+            RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(gpu),  # DeepSpeed's device index
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
         )
-        if not self.on_gpu:
+        if self.on_gpu:
+            torch.cuda.set_device(gpu)
+        else:
             torch.set_num_threads(max(1, int(self.cfg.num_cpus_per_rank)))
         listen_fd, self._listen_fd = getattr(self, "_listen_fd", None), None
         store = store_on(master_addr, master_port, self.world_size, self.cfg.call_timeout_s, listen_fd)
@@ -213,7 +219,12 @@ class LearnerWorker:
             os.close(fd)
 
     def join_weight_sync(self, spec: SyncGroupSpec) -> None:
-        """Rank 0 joins the weight-sync group as its rank 0; the other ranks only take part in gathers."""
+        """Rank 0 joins the weight-sync group as its rank 0; the other ranks only take part in gathers.
+
+        A group this rank held before is aborted first, so none of its collectives lingers (NCCL).
+        """
+        abort_group(getattr(self, "sync_group", None))
+        self.sync_group, self._sync_host_timeout = None, host_timeout(spec)
         if self.rank != 0:
             self.sync_group = None
             return
@@ -225,20 +236,32 @@ class LearnerWorker:
     def send_weights(self, plan: list[list[TensorMeta]], version: int, columns: int) -> ParamSums:
         """Broadcast every parameter to the rollout actors (collective); rank 0 returns their `param_sums`."""
         model = unwrap(self.engine.module)
-        return send_weights(model, plan, getattr(self, "sync_group", None), self.rank, version, columns)
+        return send_weights(
+            model, plan, getattr(self, "sync_group", None), self.rank, version, columns,
+            getattr(self, "_sync_host_timeout", None),
+        )
 
-    def share_bucket(self, bucket: list[TensorMeta], version: int, columns: int) -> tuple[SharedBucket | None, ParamSums]:
-        """CUDA IPC handles of one bucket for colocated actors, and its `param_sums` (rank 0; collective).
-
-        Rank 0 keeps the exported buffers until `release_shared`, after every actor has loaded them.
+    def share_bucket(
+        self, bucket: list[TensorMeta], version: int, columns: int, export: bool = True
+    ) -> tuple[SharedBucket | None, ParamSums]:
+        """CUDA IPC handles of one bucket for the actors colocated on this rank's GPU (if `export`), and its
+        `param_sums` (rank 0); collective. The exported buffers live until `release_shared`.
         """
-        shared, buffers, sums = share_bucket(unwrap(self.engine.module), bucket, self.rank, version, columns)
+        shared, buffers, sums = share_bucket(unwrap(self.engine.module), bucket, self.rank, version, columns, export)
         self._shared_buffers = getattr(self, "_shared_buffers", []) + buffers
         return shared, sums
 
     def release_shared(self) -> None:
-        """Drop the buffers exported by `share_bucket` (their memory returns to the caching allocator)."""
+        """Drop the buffers exported by `share_bucket`; their memory returns to the caching allocator once the
+        receivers have closed their handles (`ipc_collect` reclaims blocks they released)."""
+        had = bool(getattr(self, "_shared_buffers", []))
         self._shared_buffers = []
+        if had:
+            torch.cuda.ipc_collect()
+
+    def gpu_uuid(self) -> str:
+        """The UUID of this rank's GPU (colocated rollout actors must report the same)."""
+        return gpu_uuid(self.engine.device)
 
     def param_checksums(self) -> dict[str, float]:
         """float64 sum of each full parameter as this rank sees it."""

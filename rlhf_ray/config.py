@@ -59,9 +59,16 @@ class RolloutConfig(Section):
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
     kv_cache_space_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
     pin_cpu_cores: bool = Field(True, description="Pin actor i to core i mod nproc on CPU.")
-    enable_sleep_mode: bool = Field(False, description="vLLM sleep/wake between rollouts (GPU).")
+    enable_sleep_mode: bool = Field(
+        False, description="GPU only: after each generation the vLLM engine sleeps (weights offloaded to CPU, KV cache "
+        "freed) so a colocated learner gets the GPU; a weight sync wakes the weights, reloads them, then the KV cache.",
+    )
     resources: dict[str, float] = Field(
-        default_factory=dict, description="Custom Ray resources each actor needs, e.g. {rollout: 1}."
+        default_factory=dict, description="Custom Ray resources each actor needs (per tensor-parallel worker), e.g. {rollout: 1}."
+    )
+    colocate: bool = Field(
+        False, description="Hybrid engine: rollout actor i shares learner rank i's GPU (same placement-group bundle, "
+        "fractional GPUs that add up to at most 1); weights move by CUDA IPC. Pair it with enable_sleep_mode.",
     )
     call_timeout_s: float = Field(600.0, gt=0, description="Per-call timeout before an actor is declared hung.")
     max_replacements: int = Field(
@@ -332,6 +339,35 @@ class RunConfig(Section):
             raise ValueError(
                 f"train.async_mode=true generates exactly one step ahead (staleness 1), but "
                 f"train.max_staleness={self.train.max_staleness}: set train.max_staleness=1"
+            )
+        ro, le = self.rollout, self.learner
+        if ro.colocate and not (0 < ro.num_gpus_per_actor and 0 < le.num_gpus_per_rank
+                                and ro.num_gpus_per_actor + le.num_gpus_per_rank <= 1.0):
+            raise ValueError(
+                f"rollout.colocate=true puts a rollout actor and a learner rank on one GPU, so their shares must add up "
+                f"to at most 1, got rollout.num_gpus_per_actor={ro.num_gpus_per_actor} + learner.num_gpus_per_rank="
+                f"{le.num_gpus_per_rank}; fix: e.g. 0.4 and 0.6"
+            )
+        if ro.colocate and (ro.num_actors != le.num_ranks or ro.tensor_parallel_size != 1):
+            raise ValueError(
+                f"rollout.colocate=true pairs each rollout actor with one learner rank on its GPU, so rollout.num_actors "
+                f"(got {ro.num_actors}) must equal learner.num_ranks (got {le.num_ranks}) and "
+                f"rollout.tensor_parallel_size must be 1 (got {ro.tensor_parallel_size})"
+            )
+        if ro.colocate and self.weight_sync.backend in ("nccl", "gloo"):
+            raise ValueError(
+                f"rollout.colocate=true shares GPUs, but weight_sync.backend={self.weight_sync.backend}: NCCL refuses two "
+                "ranks on one GPU and gloo would copy through the host; set weight_sync.backend=auto (CUDA IPC)"
+            )
+        if self.rollout.enable_sleep_mode and self.rollout.num_gpus_per_actor == 0:
+            raise ValueError(
+                "rollout.enable_sleep_mode=true needs GPU rollout actors, but rollout.num_gpus_per_actor=0: vLLM's CPU "
+                "build has no sleep mode (its engine refuses the option); set rollout.enable_sleep_mode=false"
+            )
+        if self.rollout.enable_sleep_mode and self.train.async_mode:
+            raise ValueError(
+                "rollout.enable_sleep_mode=true frees the GPU while the learner trains, but train.async_mode=true "
+                "generates during training; set one of them to false"
             )
         if self.weight_sync.backend == "cuda_ipc" and self.rollout.tensor_parallel_size != 1:
             raise ValueError(

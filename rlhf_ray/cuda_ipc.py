@@ -32,10 +32,12 @@ class SharedBucket:
     gpu_uuid: str
 
 
-def gpu_uuid(device: torch.device | int | None = None) -> str:
+def gpu_uuid(device: torch.device | str | int | None = None) -> str:
     """The UUID of a CUDA device (default: the current one); the same GPU gives the same string in every process."""
-    index = torch.cuda.current_device() if device is None else torch.device("cuda", device).index
-    return str(torch.cuda.get_device_properties(index).uuid)
+    if isinstance(device, int):
+        device = torch.device("cuda", device)
+    index = None if device is None else torch.device(device).index
+    return str(torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).uuid)
 
 
 def export_bucket(named: list[tuple[str, torch.Tensor]]) -> tuple[SharedBucket, list[torch.Tensor]]:

@@ -56,7 +56,7 @@ def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, tim
     """
     ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     pending = set(not_ready)
-    out, errors, failed, dead = [], [], [], []
+    out, errors, failed, dead, raised = [], [], [], [], []
     for ref, name in zip(refs, names):
         if ref in pending:
             continue
@@ -69,11 +69,13 @@ def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, tim
             failed.append(name)
             dead.append(name)
         except ray.exceptions.RayTaskError as err:
-            if not errors and not pending:
-                # An exception raised by our own code inside the actor: keep its type and message.
-                raise err.as_instanceof_cause() from None
+            raised.append(err)
             errors.append(f"{name} raised {str(err.cause)[:200] if err.cause else type(err).__name__}")
             failed.append(name)
+    if raised and not dead and not pending:
+        # Exceptions raised by our own code inside the actors, none dead or late: keep the first one's type and
+        # message. (A dead peer explains the others' errors in a collective, so it is named instead.)
+        raise raised[0].as_instanceof_cause() from None
     if pending:
         late = [n for r, n in zip(refs, names) if r in pending]
         errors.append(f"no answer within {timeout_s:.0f}s from {', '.join(late)}")
@@ -81,3 +83,21 @@ def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, tim
     if errors:
         raise ActorCallError(f"{what} failed: " + "; ".join(errors), failed, dead)
     return out
+
+
+def local_gpu_index(gpu_ids: list, visible_devices: str | None) -> int:
+    """This process's CUDA index of the first GPU Ray assigned it (`gpu_ids` = `ray.get_gpu_ids()`).
+
+    Ray normally sets CUDA_VISIBLE_DEVICES to the assigned GPUs, which makes it index 0; with
+    RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES every GPU stays visible, and assuming 0 would put
+    every process on the node's first GPU.
+    """
+    if not gpu_ids:
+        return 0
+    first = str(gpu_ids[0])
+    if visible_devices:
+        visible = [d.strip() for d in visible_devices.split(",")]
+        if first not in visible:
+            raise RuntimeError(f"Ray assigned GPU {first}, which CUDA_VISIBLE_DEVICES={visible_devices} hides")
+        return visible.index(first)
+    return int(first)

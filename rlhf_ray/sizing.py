@@ -122,6 +122,15 @@ def learner_rank_request(le: LearnerConfig) -> dict[str, float]:
     return _request(le.num_cpus_per_rank, le.num_gpus_per_rank, le.resources)
 
 
+def colocated_bundle(cfg: RunConfig) -> dict[str, float]:
+    """rollout.colocate: one placement-group bundle holding a learner rank and its rollout actor (summed requests;
+    colocation requires tensor_parallel_size 1, so the actor has one bundle)."""
+    out = learner_rank_request(cfg.learner)
+    for k, v in rollout_bundles(cfg.rollout)[0].items():
+        out[k] = out.get(k, 0.0) + v
+    return out
+
+
 def resource_requests(cfg: RunConfig) -> list[ResourceRequest]:
     """One request per actor of the run: rollout actors, policy (and PPO critic) learner ranks, the reward and
     the reference actor; names as the run gives them."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable
@@ -53,8 +54,18 @@ class SyncGroupSpec:
     master_port: int
     world_size: int
     backend: str  # "gloo" or "nccl"
-    timeout_s: float
+    timeout_s: float  # how long one bucket may take, counted on the host (see `wait_all`)
     generation: int  # bumped each time the group is rebuilt (actors joined or left)
+
+    @property
+    def group_timeout_s(self) -> float:
+        """The process group's own timeout. Under NCCL its watchdog ends the whole process when a collective
+        outlives it, so it must fire only after the host-side deadline of `wait_all` has aborted the group."""
+        return self.timeout_s if self.backend == "gloo" else self.timeout_s + NCCL_WATCHDOG_MARGIN_S
+
+
+# Seconds the NCCL watchdog waits beyond the host deadline (see SyncGroupSpec.group_timeout_s).
+NCCL_WATCHDOG_MARGIN_S = 60.0
 
 
 def plan_buckets(metas: Iterable[TensorMeta], bucket_bytes: int) -> list[list[TensorMeta]]:
@@ -95,7 +106,7 @@ def join_sync_group(spec: SyncGroupSpec, rank: int, listen_fd: int | None = None
     if (rank == 0) != (listen_fd is not None):
         raise ValueError("rank 0 of the weight-sync group, and only rank 0, passes the socket it listens on")
     store = store_on(spec.master_addr, spec.master_port, spec.world_size, spec.timeout_s, listen_fd)
-    timeout = timedelta(seconds=spec.timeout_s)
+    timeout = timedelta(seconds=spec.group_timeout_s)
     prefixed = dist.PrefixStore(f"weight_sync/{spec.generation}", store)
     if spec.backend == "gloo":
         return dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timeout)
@@ -138,9 +149,49 @@ def post_receive(
     return named, [pg.broadcast(t, 0) for _, t in named]
 
 
-def wait_all(works: list) -> None:
+def wait_all(works: list, host_timeout_s: float | None = None, pg: dist.ProcessGroup | None = None) -> None:
+    """Block the host until every work in `works` has finished.
+
+    Without `host_timeout_s` (gloo): `work.wait()`, which blocks the host and raises once the group's
+    timeout passes. With it (NCCL): `work.wait()` on an NCCL work only makes the current CUDA stream
+    wait and returns at once, and a collective that outlives the group's timeout makes the NCCL
+    watchdog end the process; so poll `is_completed()` on the host instead, and past the deadline
+    abort `pg` (its pending collectives end without the watchdog) and raise TimeoutError.
+    """
+    if host_timeout_s is None:
+        for work in works:
+            work.wait()
+        return
+    deadline = time.monotonic() + host_timeout_s
+    pause = 1e-4
     for work in works:
-        work.wait()
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                if pg is not None:
+                    abort_group(pg)
+                raise TimeoutError(
+                    f"weight-sync collective not finished within weight_sync.timeout_s={host_timeout_s:g}s "
+                    "(a peer died or never joined); the group was aborted"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+        work.wait()  # finished: raises if it failed (a peer's connection closed); under NCCL orders the stream
+
+
+def host_timeout(spec: SyncGroupSpec) -> float | None:
+    """The `host_timeout_s` that `wait_all` needs for this group: none for gloo (its wait blocks the host)."""
+    return None if spec.backend == "gloo" else spec.timeout_s
+
+
+def abort_group(pg: dist.ProcessGroup | None) -> None:
+    """End a weight-sync group being replaced or given up: its pending collectives return with an error
+    instead of hanging (NCCL: instead of the watchdog ending the process later). Safe to call twice."""
+    if pg is None:
+        return
+    try:
+        pg.abort()
+    except RuntimeError:  # already aborted, or a backend without abort
+        pass
 
 
 def checksum(tensor: torch.Tensor) -> float:

@@ -1,17 +1,21 @@
 """The weight-sync wire protocol between two real processes over a standalone gloo group."""
 
 import multiprocessing as mp
+import time
 
 import pytest
 import torch
 
 from rlhf_ray.net import bind_listener
 from rlhf_ray.weight_sync import (
+    NCCL_WATCHDOG_MARGIN_S,
     SyncGroupSpec,
     TensorMeta,
+    abort_group,
     combine_ranks,
     compare_checksums,
     expected_layer_sums,
+    host_timeout,
     join_sync_group,
     layer_checksums,
     layer_of,
@@ -142,3 +146,48 @@ def test_tensor_parallel_sums_add_shards_and_count_replicas_once():
     per_rank[1]["norm"] = 2.5  # a replica that drifted is counted twice, so it cannot match the learner's sum
     assert combine_ranks(per_rank)["norm"] == 4.5
     assert combine_ranks(per_rank[:1]) == per_rank[0]
+
+
+def _silent_sender(ports, done) -> None:
+    """Rank 0 of a group that never sends (a learner that hung or died): its peer's receives never finish."""
+    listen_fd, port = bind_listener("127.0.0.1")
+    ports.put(port)
+    pg = join_sync_group(SyncGroupSpec("127.0.0.1", port, 2, "gloo", 120.0, generation=0), rank=0, listen_fd=listen_fd)
+    done.wait(60)
+    del pg
+
+
+def test_host_deadline_aborts_a_collective_whose_peer_never_sends():
+    """The NCCL path of `wait_all` (poll on the host, abort past the deadline), run over a gloo group whose own
+    timeout is far longer: it must raise at the host deadline, not at the group's timeout."""
+    ctx = mp.get_context("spawn")
+    ports, done = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_silent_sender, args=(ports, done))
+    proc.start()
+    try:
+        spec = SyncGroupSpec("127.0.0.1", ports.get(timeout=60), 2, "gloo", 120.0, generation=0)
+        pg = join_sync_group(spec, rank=1)
+        _, works = post_receive(pg, [TensorMeta("model.norm.weight", (8,), "float32")])
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"weight_sync.timeout_s=1.5s .*the group was aborted"):
+            wait_all(works, host_timeout_s=1.5, pg=pg)
+        assert 1.5 <= time.monotonic() - start < 10.0
+        abort_group(pg)  # a second abort (the group being rebuilt) is harmless
+    finally:
+        done.set()
+        proc.join(timeout=30)
+
+
+def test_host_deadline_passes_finished_works_through():
+    listen_fd, port = bind_listener("127.0.0.1")
+    pg = join_sync_group(SyncGroupSpec("127.0.0.1", port, 1, "gloo", 30.0, generation=0), rank=0, listen_fd=listen_fd)
+    t = torch.arange(4.0)
+    wait_all(send_bucket(pg, [("w", t)]), host_timeout_s=5.0, pg=pg)
+    assert torch.equal(t, torch.arange(4.0))
+
+
+def test_group_timeouts_leave_nccl_a_watchdog_margin_and_gloo_unchanged():
+    gloo = SyncGroupSpec("127.0.0.1", 1, 2, "gloo", 30.0, generation=0)
+    nccl = SyncGroupSpec("127.0.0.1", 1, 2, "nccl", 30.0, generation=0)
+    assert gloo.group_timeout_s == 30.0 and host_timeout(gloo) is None  # gloo's wait() blocks the host
+    assert host_timeout(nccl) == 30.0 and nccl.group_timeout_s == 30.0 + NCCL_WATCHDOG_MARGIN_S

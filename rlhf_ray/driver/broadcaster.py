@@ -43,21 +43,31 @@ class WeightBroadcaster:
     With backend "cuda_ipc" (learner rank 0 and the actors on one GPU) no group is built: the
     workers' `share_bucket(bucket, version, columns)`/`release_shared()` and the actors' `receive_shared(shared,
     version)` carry the buckets instead.
+
+    `generation_wait_s` (async mode: `rollout.call_timeout_s`) is added to every timeout of a broadcast:
+    learner rank 0 then starts sending while the actors may still be generating, and they join the
+    collective only once their generation ends.
     """
 
-    def __init__(self, learners: Any, pool: Any, cfg: WeightSyncConfig, backend: str = "gloo"):
+    def __init__(
+        self, learners: Any, pool: Any, cfg: WeightSyncConfig, backend: str = "gloo", generation_wait_s: float = 0.0
+    ):
         self.learners, self.pool, self.cfg, self.backend = learners, pool, cfg, backend
+        self.timeout_s = cfg.timeout_s + generation_wait_s
         self.learner_names: list[str] = list(learners.names)
         metas = ray.get(learners.workers[0].weight_metas.remote())
         self.plan = plan_buckets(metas, int(cfg.bucket_mb * 2**20))
         self.total_bytes = sum(m.nbytes for m in metas)
         self.generation = 0
         self.members: list[str] = []
+        self.owners: list[int] = []  # cuda_ipc: per rollout actor, the learner rank that shares its GPU
+        if backend == "cuda_ipc":
+            self._ensure_group()  # the UUID pairing fails now, not at the first broadcast
 
     def _call(self, refs: list, names: list[str], what: str) -> list:
         """Gather the calls; a dead learner rank raises LearnerRankError (nothing on the rollout side can fix that)."""
         try:
-            return get_with_timeout(refs, names, what, self.cfg.timeout_s)
+            return get_with_timeout(refs, names, what, self.timeout_s)
         except ActorCallError as err:
             ranks = [n for n in err.dead if n in self.learner_names]
             if ranks:
@@ -65,8 +75,13 @@ class WeightBroadcaster:
             raise
 
     def _ensure_group(self) -> None:
-        """(Re)build the group when the pool's membership changed since the last broadcast."""
-        if self.backend == "cuda_ipc" or self.members == list(self.pool.actor_names):
+        """(Re)build the group when the pool's membership changed since the last broadcast (cuda_ipc: re-pair
+        each actor with the learner rank on its GPU)."""
+        if self.members == list(self.pool.actor_names):
+            return
+        if self.backend == "cuda_ipc":
+            self.owners = self._pair_by_gpu()
+            self.members = list(self.pool.actor_names)
             return
         self.generation += 1
         open_ref = self.learners.workers[0].open_weight_sync.remote(self.cfg.master_addr, self.cfg.interface)
@@ -76,7 +91,7 @@ class WeightBroadcaster:
             master_port=port,
             world_size=1 + len(self.pool.actors) * self.pool.workers_per_actor,
             backend=self.backend,
-            timeout_s=self.cfg.timeout_s,
+            timeout_s=self.timeout_s,
             generation=self.generation,
         )
         refs = [w.join_weight_sync.remote(spec) for w in self.learners.workers]
@@ -126,20 +141,31 @@ class WeightBroadcaster:
         return results[0], max(results[len(send) :], default=0.0)
 
     def _share(self, version: int) -> tuple[ParamSums, float]:
-        """Colocated GPUs: per bucket, learner rank 0 exports CUDA IPC handles and every actor loads from them."""
+        """Colocated GPUs: per bucket, learner rank 0 exports CUDA IPC handles, every actor loads from them, and
+        rank 0 frees the bucket's buffers before exporting the next."""
         workers, sums, reload_s = self.learners.workers, {}, 0.0
+        exporters = set(self.owners)
         try:
             for k, bucket in enumerate(self.plan):
-                refs = [w.share_bucket.remote(bucket, version, self.cfg.verify_columns) for w in workers]
+                refs = [w.share_bucket.remote(bucket, version, self.cfg.verify_columns, i in exporters)
+                        for i, w in enumerate(workers)]
                 exported = self._call(refs, self.learner_names, f"exporting bucket {k} of v{version}")
-                shared, bucket_sums = exported[0]
-                sums |= bucket_sums
+                sums |= exported[0][1]
                 last = version if k == len(self.plan) - 1 else None
-                refs = [a.receive_shared.remote(shared, last) for a in self.pool.actors]
+                refs = [a.receive_shared.remote(exported[rank][0], last) for a, rank in zip(self.pool.actors, self.owners)]
                 reload_s += max(self._call(refs, list(self.pool.actor_names), f"loading bucket {k} of v{version}"))
+                # Freed at once: on a shared GPU a second copy of the whole model would not fit beside vLLM.
+                self._call([w.release_shared.remote() for w in workers], self.learner_names, "releasing a bucket")
         finally:
             self._call([w.release_shared.remote() for w in workers], self.learner_names, "releasing shared buffers")
         return sums, reload_s
+
+    def _pair_by_gpu(self) -> list[int]:
+        """For each rollout actor, the learner rank on its GPU (by UUID), checked when the run is built and
+        whenever the pool changes: CUDA IPC handles open only on the GPU that exported them."""
+        ranks = self._call([w.gpu_uuid.remote() for w in self.learners.workers], self.learner_names, "learner GPU UUIDs")
+        actors = self._call([a.gpu_uuid.remote() for a in self.pool.actors], list(self.pool.actor_names), "actor GPU UUIDs")
+        return pair_by_gpu(ranks, actors, list(self.pool.actor_names))
 
     def _name_dead(self, err: ActorCallError) -> ActorCallError:
         """After a failed join or broadcast: ping every rollout actor; the error to raise names the dead ones.
@@ -171,3 +197,16 @@ class WeightBroadcaster:
             if version != self.pool.version:
                 raise RuntimeError(f"{name} reports policy version {version}, expected {self.pool.version}")
             compare_checksums(expected_layer_sums(sent, column_sampled), sums, who=name)
+
+
+def pair_by_gpu(learner_uuids: list[str], actor_uuids: list[str], actor_names: list[str]) -> list[int]:
+    """Index of the learner rank whose GPU UUID equals each actor's; raises naming an actor without one."""
+    rank_of = {uuid: i for i, uuid in reversed(list(enumerate(learner_uuids)))}  # the lowest rank per GPU
+    missing = [f"{name} (GPU {uuid})" for name, uuid in zip(actor_names, actor_uuids) if uuid not in rank_of]
+    if missing:
+        raise RuntimeError(
+            f"weight_sync.backend=cuda_ipc: no learner rank shares the GPU of {', '.join(missing)}; learner GPUs: "
+            f"{', '.join(learner_uuids)}. Set rollout.colocate=true (each actor in its learner rank's bundle) or use "
+            "weight_sync.backend=nccl"
+        )
+    return [rank_of[uuid] for uuid in actor_uuids]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from transformers import AutoTokenizer
 
 from actors import RewardActor, ReferenceActor, RolloutPool
@@ -26,6 +27,7 @@ from rlhf_ray.checkpoint import CheckpointWriter, capture_rng, latest_complete, 
 from rlhf_ray.config import RunConfig, save_resolved
 from rlhf_ray.data import PromptSampler, load_dataset
 from rlhf_ray.driver.plan import weight_sync_backend
+from rlhf_ray.sizing import colocated_bundle
 from rlhf_ray.driver.preflight import check_cluster, preflight
 from rlhf_ray.ray_utils import get_with_timeout, init_ray
 from rlhf_ray.rewards import RewardNormalizer
@@ -76,6 +78,20 @@ class RemoteCall:
         return call
 
 
+def colocated_placement(cfg: RunConfig) -> PlacementGroup | None:
+    """With rollout.colocate, a placement group of learner.num_ranks bundles, each holding one learner rank and one
+    rollout actor (so they share its GPU); None otherwise. The caller removes it."""
+    if not cfg.rollout.colocate:
+        return None
+    bundle = colocated_bundle(cfg)
+    pg = placement_group([bundle] * cfg.learner.num_ranks, strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=cfg.rollout.call_timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise RuntimeError(f"rollout.colocate: {cfg.learner.num_ranks} bundles of {bundle} could not be placed")
+    return pg
+
+
 def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
     """Start Ray and every actor of an RL run; writes the resolved config into `run_dir`."""
     preflight(cfg, run_dir)
@@ -89,10 +105,15 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
     check_cluster(cfg, ray.cluster_resources(), ray.nodes())
     closers: list = []
     try:
-        pool = RolloutPool(cfg.model, cfg.rollout)
+        shared = colocated_placement(cfg)  # rollout.colocate: one bundle per (learner rank, rollout actor) pair
+        if shared is not None:
+            closers.append(lambda: remove_placement_group(shared))
+        pool = RolloutPool(cfg.model, cfg.rollout, colocate_in=shared)
         closers.append(pool.shutdown)
         total_updates = batch_math(cfg).optimizer_steps_per_run
-        policy = LearnerGroup("policy", cfg.model.policy_path, cfg.learner, cfg.model, cfg.algorithm, total_updates)
+        policy = LearnerGroup(
+            "policy", cfg.model.policy_path, cfg.learner, cfg.model, cfg.algorithm, total_updates, shared
+        )
         closers.append(policy.shutdown)
         critic = None
         if cfg.algorithm.uses_critic:
@@ -116,7 +137,8 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
         reward = RemoteCall(reward_handle, "reward", cfg.reward.timeout_s * 10)
         reference.ping()
         reward.ping()
-        broadcaster = WeightBroadcaster(policy, pool, cfg.weight_sync, weight_sync_backend(cfg))
+        wait_s = cfg.rollout.call_timeout_s if cfg.train.async_mode else 0.0  # sends may start mid-generation
+        broadcaster = WeightBroadcaster(policy, pool, cfg.weight_sync, weight_sync_backend(cfg), wait_s)
         pool.current_weights = policy.export_weights  # what actors joining later load before they serve
         write_placement(run_dir / "placement.json", pool, [policy] + ([critic] if critic else []))
         tracker = Tracker(cfg.tracking, run_dir, cfg.train.run_name or run_dir.name, cfg.model_dump(mode="json"))

@@ -38,9 +38,12 @@ class PlanError(ValueError):
 
 
 def weight_sync_backend(cfg: RunConfig) -> str:
-    """The weight-sync transport: the configured one, or for "auto" NCCL on GPU learners and gloo on CPU."""
+    """The weight-sync transport: the configured one, or for "auto" CUDA IPC when each rollout actor shares its
+    learner rank's GPU (`rollout.colocate`: NCCL refuses two ranks on one GPU), NCCL between GPUs, gloo on CPU."""
     if cfg.weight_sync.backend != "auto":
         return cfg.weight_sync.backend
+    if cfg.rollout.colocate:
+        return "cuda_ipc"
     return "nccl" if cfg.learner.num_gpus_per_rank > 0 else "gloo"
 
 
@@ -120,6 +123,15 @@ def _describe_transport(cfg: RunConfig, backend: str) -> str:
         "cuda_ipc": "GPU memory handles; learner rank 0 and the rollout actors share a node",
     }[backend]
     chosen = f"auto -> {backend}" if ws.backend == "auto" else backend
+    if ro.colocate:
+        le = cfg.learner
+        return (
+            f"{chosen} (colocated: rollout actor i shares learner rank i's GPU, one bundle each): per GPU learner "
+            f"{le.num_gpus_per_rank:g} + rollout {ro.num_gpus_per_actor:g} of a GPU, vLLM holding up to "
+            f"{ro.gpu_memory_utilization:g} of its memory while awake"
+            + (", asleep (weights offloaded, KV cache freed) while the learners train" if ro.enable_sleep_mode else "")
+            + f"; {ws.bucket_mb:g} MiB buckets, each freed once loaded"
+        )
     receivers = ro.num_actors * ro.tensor_parallel_size
     return (
         f"{chosen} ({why}): learner-0 -> {receivers} vLLM workers, group of {1 + receivers} ranks, "

