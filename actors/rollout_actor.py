@@ -23,6 +23,7 @@ import torch
 
 from rlhf_ray.config import ModelConfig, RolloutConfig, SamplingConfig
 from rlhf_ray.cuda_ipc import SharedBucket, open_bucket
+from rlhf_ray.probe import probe_token_ids
 from rlhf_ray.protocol import Sample
 from rlhf_ray.weight_sync import (
     SyncGroupSpec,
@@ -46,8 +47,18 @@ class _PartialReloadFilter(logging.Filter):
         return not str(record.msg).startswith("Following weights were not loaded")
 
 
+class _TiedHeadFilter(logging.Filter):
+    """Drops "ParallelLMHead: Failed to load weights": a tied head has no tensor of its own to load, and
+    `_retie_lm_head` rebuilds it from the reloaded embedding after every reload (an untied head that
+    misses its weight fails the `_check_complete` and checksum proofs instead)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).endswith("Failed to load weights") and record.args == ("ParallelLMHead",))
+
+
 # Module level, so it is installed in every process that runs this module's worker functions.
 logging.getLogger("vllm.model_executor.model_loader.reload.inplace").addFilter(_PartialReloadFilter())
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_TiedHeadFilter())
 
 Request = tuple[int, list[int]]  # (prompt_id, prompt token ids)
 
@@ -93,8 +104,31 @@ def request_seed(base_seed: int, prompt_id: int, step: int) -> int:
     return int.from_bytes(digest, "little") % (2**31 - 2**16)
 
 
+def _retie_lm_head(worker) -> bool:
+    """In each vLLM worker of a tied model: make the LM head compute with the reloaded embedding again.
+
+    With tie_word_embeddings the head shares the embedding's Parameter and the checkpoint (and our
+    broadcast) has no lm_head.weight, so vLLM's layer-wise reload never processes the head: it puts
+    the head's old tensors back ("ParallelLMHead: Failed to load weights"). The shared Parameter then
+    holds the new values, but on CPU the head computes through a oneDNN copy packed at the previous
+    load (`cpu_linear`), so vLLM kept sampling from the old head while the checksums of the
+    parameters passed. Re-tying and re-running the head's post-load processing repacks it from the
+    new embedding; on GPU that processing is a no-op. Returns whether the model is tied.
+    """
+    model = worker.model_runner.get_model()
+    head, inner = getattr(model, "lm_head", None), getattr(model, "model", None)
+    embed = getattr(inner, "embed_tokens", None)
+    if not getattr(model.config, "tie_word_embeddings", False) or head is None or embed is None:
+        return False
+    if head.weight is not embed.weight:
+        head.weight = embed.weight
+    head.quant_method.process_weights_after_loading(head)
+    return True
+
+
 def _reload_weights(worker, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
     worker.model_runner.reload_weights(weights_iterator=iter(named_tensors))
+    _retie_lm_head(worker)
 
 
 def _join_sync_group(worker, spec: SyncGroupSpec, first_rank: int) -> None:
@@ -120,12 +154,14 @@ def _receive_and_reload(worker, plan: list[list[TensorMeta]]) -> float:
         start = time.perf_counter()
         worker.model_runner.reload_weights(weights_iterator=iter(named))
         reload_s += time.perf_counter() - start
+    _retie_lm_head(worker)
     return reload_s
 
 
 def _reload_shared(worker, shared: SharedBucket) -> None:
     """In each vLLM worker: open the learner's CUDA IPC buffers on this GPU and reload from those views."""
     worker.model_runner.reload_weights(weights_iterator=iter(open_bucket(shared)))
+    _retie_lm_head(worker)
     torch.cuda.current_stream().synchronize()  # done reading before the learner frees the buffers
 
 
@@ -372,6 +408,23 @@ class RolloutActor:
         packed = per_rank[0][1] if columns else set()
         column_sampled = [hf for hf, module in self._weight_groups.items() if module in packed and hf.endswith(".weight")]
         return combine_ranks([sums for sums, _ in per_rank]), column_sampled
+
+    def probe_logprobs(self, rows: int, length: int, seed: int) -> tuple[list[list[int]], list[list[float]]]:
+        """Score `probe_token_ids(vocab, rows, length, seed)` with the served weights: (ids, log-probs).
+
+        log-probs[i][t] = log p(ids[i][t + 1] | ids[i][: t + 1]) at temperature 1, nats (vLLM prompt log-probs).
+        """
+        from vllm import SamplingParams
+
+        vocab = self.llm.llm_engine.model_config.get_vocab_size()
+        ids = probe_token_ids(vocab, rows, length, seed)
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False, seed=0)
+        outputs = self.llm.generate([{"prompt_token_ids": seq} for seq in ids], params, use_tqdm=False)
+        logprobs = [
+            [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], seq[1:], strict=True)]
+            for out, seq in zip(outputs, ids, strict=True)
+        ]
+        return ids, logprobs
 
     def version(self) -> int:
         return self._version

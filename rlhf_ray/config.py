@@ -252,6 +252,18 @@ class WeightSyncConfig(Section):
         "through it (identity rows), drawn afresh from each policy version; 0 reads every column (exact but slow: "
         "the read costs in_features times one token's FLOPs). Other tensors are always summed whole.",
     )
+    probe_every: int = Field(
+        1, ge=0,
+        description="Every this many broadcasts, each rollout actor scores a fixed batch of token sequences and its "
+        "log-probs must equal the learner's (within probe_tol): proves what vLLM samples from, which checksums of "
+        "the tensors sent cannot (e.g. a tied LM head). 0 turns the probe off.",
+    )
+    probe_tokens: int = Field(32, ge=2, description="Tokens per probe sequence (2 sequences per probe).")
+    probe_tol: float | None = Field(
+        None, gt=0,
+        description="Largest mean |vLLM - learner| probe log-prob, nats/token; None: 1e-3 for float32 weights, "
+        "5e-2 for bf16/fp16.",
+    )
 
 
 class ClusterConfig(Section):
@@ -280,6 +292,17 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature of every learner and reference log-prob: log_softmax(logits / T) at the sampled tokens.
+
+        vLLM reports log-probs of the distribution it sampled from (`processed_logprobs`), so the
+        learner's old log-probs, the update's, the reference's and the mismatch metric must use the
+        same T, or the importance ratio, TIS weight and KL are skewed. Greedy (T = 0) reports T = 1.
+        """
+        temperature = self.rollout.sampling.temperature
+        return temperature if temperature > 0 else 1.0
 
     @property
     def skips_old_logprobs(self) -> bool:

@@ -81,6 +81,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
     start = restore_checkpoint(c, kl_ctl, guard) if resume else 0
     n = cfg.rollout.sampling.n
     algo = cfg.algorithm
+    temperature = cfg.logprob_temperature  # of every log-prob below: the one vLLM sampled at
     pending = None  # async mode: (rows, handle) of the batch being generated during an update
     if cfg.train.async_mode:
         rows, ids = c.prompts.next_batch()
@@ -112,9 +113,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
                 rewards = c.reward.score([s.prompt_ids + s.response_ids for s in rollout.samples], prompts, responses, sample_rows)
                 rewards = guard_rewards(rewards, len(rollout.samples))  # NaN/inf/huge scores are masked
             with timer("reference"):
-                ref_logp = c.reference.compute_logprobs(batch)
+                ref_logp = c.reference.compute_logprobs(batch, temperature)
             with timer("logprobs"):  # one on-policy optimizer step needs no old log-probs (cfg.skips_old_logprobs)
-                old_logp = None if cfg.skips_old_logprobs else c.policy.compute_logprobs(batch)
+                old_logp = None if cfg.skips_old_logprobs else c.policy.compute_logprobs(batch, temperature)
                 values = c.critic.compute_values(batch) if algo.uses_critic else None
 
             # 3. advantages and KL, then the update
@@ -128,7 +129,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
             if algo.tis_cap is not None or old_logp is None:
                 exp["rollout_logprobs"] = batch["rollout_logprobs"]
             with timer("update"):  # skipped on NaN/inf experience; stops the run after too many skips in a row
-                step_metrics |= guard.update(step, exp, c.policy, c.critic)
+                step_metrics |= guard.update(step, exp, c.policy, c.critic, temperature)
             if guard.applied:
                 kl_ctl.update(step_metrics["kl/mean"], len(rollout.samples))
 
@@ -146,6 +147,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
                 "reward/masked_rows": float((~rewards["valid"]).sum()),
                 "perf/sync_gb_per_s": sync.gb_per_s,
                 "timing/sync_reload_s": sync.reload_seconds,
+                "rollout/probe_logprob_diff_mean": sync.probe_diff_mean,
+                "rollout/probe_logprob_diff_max": sync.probe_diff_max,
                 "perf/samples_per_s": len(rollout.samples) / (time.perf_counter() - step_start),
             }
             step_metrics |= {f"reward/{k}_mean": float(v.float().mean()) for k, v in rewards.items() if k not in ("scores", "valid")}

@@ -85,13 +85,18 @@ class StepGuard:
         """Describe the first experience field holding NaN/inf, or None when all are finite."""
         return first_nonfinite({k: exp[k] for k in EXPERIENCE_FIELDS if torch.is_tensor(exp.get(k))})
 
-    def update(self, step: int, exp: dict[str, Any], policy: Any, critic: Any | None) -> dict[str, float]:
-        """Run the policy (and critic) update on `exp` unless it holds NaN/inf; returns the train/ metrics."""
+    def update(
+        self, step: int, exp: dict[str, Any], policy: Any, critic: Any | None, temperature: float = 1.0
+    ) -> dict[str, float]:
+        """Run the policy (and critic) update on `exp` unless it holds NaN/inf; returns the train/ metrics.
+
+        temperature: the policy's log-probs are log_softmax(logits / temperature) (`RunConfig.logprob_temperature`).
+        """
         reason = self.check_experience(exp)
         if reason is not None:
             metrics = {"train/skipped_steps": float(self.updates_per_step)}
         else:
-            metrics = policy.ppo_update(exp)
+            metrics = policy.ppo_update(exp, temperature)
             if critic is not None:
                 metrics |= {k if "value" in k else k.replace("train/", "train/critic_"): v
                             for k, v in critic.value_update(exp).items()}
