@@ -20,7 +20,8 @@ from rlhf_ray.driver.recovery import apply_scaling, broadcast_replacing_dead, fa
 from rlhf_ray.experience import make_experience
 from rlhf_ray.protocol import RolloutResult, collate
 from rlhf_ray.driver.components import RunComponents, build_components, restore_checkpoint, save_checkpoint
-from rlhf_ray.driver.step_guard import StepGuard, guard_rewards
+from rlhf_ray.driver.dynamic_sampling import fill_with_informative_groups, score_rollout
+from rlhf_ray.driver.step_guard import StepGuard
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,11 @@ def logprob_gap(
     return {"rollout/logprob_diff_mean": float(masked_mean(gap, mask)), "rollout/logprob_diff_max": float(gap.max())}
 
 
+def _generate(c: RunComponents) -> tuple[list[dict[str, Any]], RolloutResult]:
+    rows, ids = c.prompts.next_batch()
+    return rows, c.pool.generate(ids)
+
+
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Run `cfg.train.steps` RL steps; returns the last step's metrics."""
     c: RunComponents = build_components(cfg, run_dir)
@@ -103,15 +109,21 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
             if cfg.train.async_mode and step + 1 < cfg.train.steps:
                 next_rows, next_ids = c.prompts.next_batch()  # generated with this version during stages 2-3
                 pending = (next_rows, c.pool.submit(next_ids))
-            batch = collate(rollout.samples, c.tokenizer.pad_token_id)
-            responses = c.tokenizer.batch_decode([s.response_ids for s in rollout.samples], skip_special_tokens=True)
-            prompts = [rows[s.prompt_id]["prompt"] for s in rollout.samples]
-            sample_rows = [rows[s.prompt_id] for s in rollout.samples]
 
-            # 2. rewards, reference and learner log-probs, values
+            # 2. rewards (NaN/inf/huge scores masked), reference and learner log-probs, values
             with timer("reward"):
-                rewards = c.reward.score([s.prompt_ids + s.response_ids for s in rollout.samples], prompts, responses, sample_rows)
-                rewards = guard_rewards(rewards, len(rollout.samples))  # NaN/inf/huge scores are masked
+                scored = score_rollout(c, rows, rollout)
+            sampling_metrics: dict[str, float] = {}
+            if algo.dynamic_sampling:  # DAPO: only groups whose rewards differ, more prompts until B of them
+                with timer("dynamic_sampling"):
+                    scored, sampling_metrics = fill_with_informative_groups(
+                        scored, lambda: score_rollout(c, *_generate(c)), cfg.train.prompts_per_step, n,
+                        algo.dynamic_sampling_max_rounds,
+                    )
+            rows, rollout, prompts, responses, rewards = (
+                scored.rows, scored.rollout, scored.prompts, scored.responses, scored.rewards
+            )
+            batch = collate(rollout.samples, c.tokenizer.pad_token_id)
             with timer("reference"):
                 ref_logp = c.reference.compute_logprobs(batch, temperature)
             with timer("logprobs"):  # one on-policy optimizer step needs no old log-probs (cfg.skips_old_logprobs)
@@ -122,7 +134,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
             scores = c.reward_normalizer(rewards["scores"], rewards["valid"])
             policy_logp = batch["rollout_logprobs"] if old_logp is None else old_logp  # the KL to the reference
             exp, step_metrics = make_experience(
-                batch, scores, policy_logp, ref_logp, values, algo, kl_ctl.value, n, valid=rewards["valid"]
+                batch, scores, policy_logp, ref_logp, values, algo, kl_ctl.value, n, valid=rewards["valid"],
+                truncated=torch.tensor([s.finish_reason == "length" for s in rollout.samples]),
+                max_new_tokens=cfg.rollout.sampling.max_new_tokens,
             )
             if old_logp is None:
                 del exp["old_logprobs"]  # the update uses its own, detached
@@ -140,7 +154,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
 
             # 5. logging and checkpoints
             step_metrics |= rollout_metrics(rollout, batch) | logprob_gap(batch, old_logp, step_metrics)
-            step_metrics |= failure_metrics(rollout) | pool_metrics
+            step_metrics |= failure_metrics(rollout) | pool_metrics | sampling_metrics
             step_metrics |= {
                 "reward/mean": float(rewards["scores"].mean()),
                 "reward/std": float(rewards["scores"].std()),
