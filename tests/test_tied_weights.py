@@ -71,3 +71,33 @@ def test_probe_catches_an_engine_that_computes_with_other_weights(setup):
         sync.probe(pool.version)
     ray.get(pool.actors[0].update_weights.remote([(n, t) for n, t in weights if "embed_tokens" in n], pool.version))
     assert sync.probe(pool.version)[0] < 1e-4
+
+
+def test_probe_batch_scores_every_token_after_the_first(tiny_model_dir):
+    """The learner's view of the probe equals a plain next-token loop over each sequence."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.modeling import response_logprobs
+    from rlhf_ray.probe import probe_batch, probe_gap, probe_token_ids, probe_tolerance
+
+    ids = probe_token_ids(vocab_size=300, rows=2, length=6, seed=3)
+    assert ids == probe_token_ids(300, 2, 6, 3) and ids != probe_token_ids(300, 2, 6, 4)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir / "policy", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = response_logprobs(model, probe_batch(ids))
+        want = []
+        for seq in ids:
+            logits = model(torch.tensor([seq])).logits[0]
+            want.append([float(logits[t - 1].log_softmax(-1)[seq[t]]) for t in range(1, len(seq))])
+    assert probe_gap(got, want)[1] < 1e-5
+    assert probe_tolerance("float32", None) == 1e-3 and probe_tolerance("bfloat16", None) == 5e-2
+    assert probe_tolerance("bfloat16", 0.2) == 0.2
+    with pytest.raises(ValueError, match="probe_tokens"):
+        probe_token_ids(300, 2, 1, 0)
+
+
+def test_logprob_temperature_is_the_sampling_temperature_and_1_for_greedy():
+    from rlhf_ray.config import load_config
+
+    assert load_config(None, ["rollout.sampling.temperature=0.7"]).logprob_temperature == 0.7
+    assert load_config(None, ["rollout.sampling.temperature=0"]).logprob_temperature == 1.0
