@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from actors.tied_head import retie_lm_head
 from rlhf_ray.config import ModelConfig, RolloutConfig, SamplingConfig
 from rlhf_ray.cuda_ipc import SharedBucket, open_bucket
 from rlhf_ray.probe import probe_token_ids
@@ -47,18 +48,8 @@ class _PartialReloadFilter(logging.Filter):
         return not str(record.msg).startswith("Following weights were not loaded")
 
 
-class _TiedHeadFilter(logging.Filter):
-    """Drops "ParallelLMHead: Failed to load weights": a tied head has no tensor of its own to load, and
-    `_retie_lm_head` rebuilds it from the reloaded embedding after every reload (an untied head that
-    misses its weight fails the `_check_complete` and checksum proofs instead)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (str(record.msg).endswith("Failed to load weights") and record.args == ("ParallelLMHead",))
-
-
 # Module level, so it is installed in every process that runs this module's worker functions.
 logging.getLogger("vllm.model_executor.model_loader.reload.inplace").addFilter(_PartialReloadFilter())
-logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_TiedHeadFilter())
 
 Request = tuple[int, list[int]]  # (prompt_id, prompt token ids)
 
@@ -104,31 +95,9 @@ def request_seed(base_seed: int, prompt_id: int, step: int) -> int:
     return int.from_bytes(digest, "little") % (2**31 - 2**16)
 
 
-def _retie_lm_head(worker) -> bool:
-    """In each vLLM worker of a tied model: make the LM head compute with the reloaded embedding again.
-
-    With tie_word_embeddings the head shares the embedding's Parameter and the checkpoint (and our
-    broadcast) has no lm_head.weight, so vLLM's layer-wise reload never processes the head: it puts
-    the head's old tensors back ("ParallelLMHead: Failed to load weights"). The shared Parameter then
-    holds the new values, but on CPU the head computes through a oneDNN copy packed at the previous
-    load (`cpu_linear`), so vLLM kept sampling from the old head while the checksums of the
-    parameters passed. Re-tying and re-running the head's post-load processing repacks it from the
-    new embedding; on GPU that processing is a no-op. Returns whether the model is tied.
-    """
-    model = worker.model_runner.get_model()
-    head, inner = getattr(model, "lm_head", None), getattr(model, "model", None)
-    embed = getattr(inner, "embed_tokens", None)
-    if not getattr(model.config, "tie_word_embeddings", False) or head is None or embed is None:
-        return False
-    if head.weight is not embed.weight:
-        head.weight = embed.weight
-    head.quant_method.process_weights_after_loading(head)
-    return True
-
-
 def _reload_weights(worker, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
     worker.model_runner.reload_weights(weights_iterator=iter(named_tensors))
-    _retie_lm_head(worker)
+    retie_lm_head(worker)
 
 
 def _join_sync_group(worker, spec: SyncGroupSpec, first_rank: int) -> None:
@@ -154,14 +123,14 @@ def _receive_and_reload(worker, plan: list[list[TensorMeta]]) -> float:
         start = time.perf_counter()
         worker.model_runner.reload_weights(weights_iterator=iter(named))
         reload_s += time.perf_counter() - start
-    _retie_lm_head(worker)
+    retie_lm_head(worker)
     return reload_s
 
 
 def _reload_shared(worker, shared: SharedBucket) -> None:
     """In each vLLM worker: open the learner's CUDA IPC buffers on this GPU and reload from those views."""
     worker.model_runner.reload_weights(weights_iterator=iter(open_bucket(shared)))
-    _retie_lm_head(worker)
+    retie_lm_head(worker)
     torch.cuda.current_stream().synchronize()  # done reading before the learner frees the buffers
 
 
