@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from rlhf_ray.config import load_config
@@ -36,7 +37,8 @@ def test_uninformative_groups_are_replaced_from_more_rounds():
     assert [s.prompt_id for s in batch.rollout.samples] == [0, 0, 1, 1, 2, 2]
     assert batch.rewards["scores"].tolist() == [0, 1, 5, 4, 1, 2] and bool(batch.rewards["valid"].all())
     assert metrics == {"rollout/dynamic_sampling_rounds": 2.0, "rollout/dynamic_sampling_dropped_groups": 6.0,
-                       "rollout/dynamic_sampling_padded_groups": 0.0}
+                       "rollout/dynamic_sampling_padded_groups": 0.0,
+                       "reward/unfiltered_mean": pytest.approx((1 + 1 + 0 + 1 + 2 + 2) / 6)}
     assert batch.rollout.seconds == 3.0
 
 

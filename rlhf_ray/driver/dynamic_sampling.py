@@ -86,8 +86,11 @@ def fill_with_informative_groups(
 
     Returns the batch (num_groups groups, informative first; topped up with dropped groups marked
     invalid when the rounds ran out) and the metrics rollout/dynamic_sampling_rounds (extra rounds),
-    _dropped_groups (groups without signal seen this step) and _padded_groups (invalid fillers).
+    _dropped_groups (groups without signal seen this step) and _padded_groups (invalid fillers), and
+    reward/unfiltered_mean: the mean score of `first` (the usual batch, before any group is dropped;
+    the kept batch's reward/mean is biased towards groups with mixed rewards).
     """
+    unfiltered = float(first.rewards["scores"].float().mean())
     pool, rounds = first, 0
     while True:
         keep = informative_groups(pool.rewards["scores"], n, pool.rewards["valid"]).tolist()
@@ -102,4 +105,5 @@ def fill_with_informative_groups(
         "rollout/dynamic_sampling_rounds": float(rounds),
         "rollout/dynamic_sampling_dropped_groups": float(len(dropped)),
         "rollout/dynamic_sampling_padded_groups": float(len(padding)),
+        "reward/unfiltered_mean": unfiltered,
     }
