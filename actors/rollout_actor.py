@@ -23,6 +23,7 @@ import torch
 
 from rlhf_ray.config import ModelConfig, RolloutConfig, SamplingConfig
 from rlhf_ray.cuda_ipc import SharedBucket
+from rlhf_ray.probe import probe_token_ids
 from rlhf_ray.protocol import Sample
 from rlhf_ray.weight_sync import SyncGroupSpec, TensorMeta, combine_ranks, sum_by_layer
 
@@ -311,6 +312,23 @@ class RolloutActor:
         packed = per_rank[0][1] if columns else set()
         column_sampled = [hf for hf, module in self._weight_groups.items() if module in packed and hf.endswith(".weight")]
         return combine_ranks([sums for sums, _ in per_rank]), column_sampled
+
+    def probe_logprobs(self, rows: int, length: int, seed: int) -> tuple[list[list[int]], list[list[float]]]:
+        """Score `probe_token_ids(vocab, rows, length, seed)` with the served weights: (ids, log-probs).
+
+        log-probs[i][t] = log p(ids[i][t + 1] | ids[i][: t + 1]) at temperature 1, nats (vLLM prompt log-probs).
+        """
+        from vllm import SamplingParams
+
+        vocab = self.llm.llm_engine.model_config.get_vocab_size()
+        ids = probe_token_ids(vocab, rows, length, seed)
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False, seed=0)
+        outputs = self.llm.generate([{"prompt_token_ids": seq} for seq in ids], params, use_tqdm=False)
+        logprobs = [
+            [step[t].logprob for step, t in zip(out.prompt_logprobs[1:], seq[1:], strict=True)]
+            for out, seq in zip(outputs, ids, strict=True)
+        ]
+        return ids, logprobs
 
     def version(self) -> int:
         return self._version

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from actors.tied_head import retie_lm_head
 from rlhf_ray.cuda_ipc import SharedBucket, gpu_uuid, open_bucket
 from rlhf_ray.weight_sync import (
     SyncGroupSpec,
@@ -41,6 +42,7 @@ def reload_in_worker(worker, named_tensors: list[tuple[str, torch.Tensor]]) -> N
     """Through vLLM's worker-level entry point, which sets up the engine's config context around the
     model runner's in-place reload (the model runner's own method skips it)."""
     worker.reload_weights(weights_iterator=iter(named_tensors))
+    retie_lm_head(worker)
 
 
 def join_group_in_worker(worker, spec: SyncGroupSpec, first_rank: int) -> None:
@@ -80,6 +82,7 @@ def receive_and_reload(worker, plan: list[list[TensorMeta]]) -> float:
     waited = [0.0]
     start = time.perf_counter()
     worker.reload_weights(weights_iterator=received_buckets(worker, plan, waited))
+    retie_lm_head(worker)
     if worker.weight_sync_device != "cpu":
         torch.cuda.current_stream().synchronize()
     return time.perf_counter() - start - waited[0]
@@ -88,6 +91,7 @@ def receive_and_reload(worker, plan: list[list[TensorMeta]]) -> float:
 def reload_shared(worker, shared: SharedBucket) -> None:
     """In each vLLM worker: open the learner's CUDA IPC buffers on this GPU and reload from those views."""
     worker.reload_weights(weights_iterator=iter(open_bucket(shared)))
+    retie_lm_head(worker)
     torch.cuda.current_stream().synchronize()  # done reading before the learner frees the buffers
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from rlhf_ray.algorithms import (
     aggregate,
     entropy_from_logits,
+    gspo_policy_loss,
     kl_estimate,
     logprobs_from_logits,
     masked_mean,
@@ -42,8 +43,8 @@ def response_tokens(batch: Batch) -> torch.Tensor:
 
 
 def tokens_or_rows(algo: AlgorithmConfig) -> Callable[[Batch], float]:
-    """Size function matching `algo.loss_agg`: response tokens for token_mean, rows otherwise."""
-    if algo.loss_agg == "token_mean":
+    """Size function matching the policy loss: response tokens for token_mean, rows otherwise (GSPO: rows)."""
+    if algo.loss_agg == "token_mean" and algo.name != "gspo":
         return lambda micro: float(micro["response_mask"].sum())
     return lambda micro: float(micro["response_mask"].shape[0])
 
@@ -68,14 +69,22 @@ def ppo_objective(model: torch.nn.Module, micro: Batch, algo: AlgorithmConfig, t
     is_weight = None
     if algo.tis_cap is not None:
         is_weight = truncated_importance_weight(old_logp, micro["rollout_logprobs"], mask, algo.tis_cap)
-    pg, pg_stats = policy_loss(
-        logp, old_logp, micro["advantages"], mask,
-        algo.clip_low, algo.clip_high, algo.dual_clip, is_weight, algo.loss_agg,
-    )
+    if algo.name == "gspo":
+        pg, pg_stats = gspo_policy_loss(
+            logp, old_logp, micro["advantages"], mask, algo.clip_low, algo.clip_high, is_weight, algo.log_ratio_clamp
+        )
+        agg = "seq_mean_token_mean"  # GSPO's loss is a mean over sequences; its entropy and KL terms follow
+    else:
+        pg, pg_stats = policy_loss(
+            logp, old_logp, micro["advantages"], mask, algo.clip_low, algo.clip_high, algo.dual_clip, is_weight,
+            algo.loss_agg, algo.log_ratio_clamp, algo.loss_norm_len,
+        )
+        agg = algo.loss_agg
     with torch.set_grad_enabled(algo.entropy_coef > 0 and torch.is_grad_enabled()):
-        entropy = aggregate(entropy_from_logits(logits), mask, algo.loss_agg)
+        entropy = aggregate(entropy_from_logits(logits), mask, agg, algo.loss_norm_len)
     loss = pg - algo.entropy_coef * entropy
-    kl = aggregate(kl_estimate(logp, micro["ref_logprobs"] * mask, algo.kl.estimator), mask, algo.loss_agg)
+    per_token_kl = kl_estimate(logp, micro["ref_logprobs"] * mask, algo.kl.estimator, algo.log_ratio_clamp, algo.kl.clamp)
+    kl = aggregate(per_token_kl, mask, agg, algo.loss_norm_len)
     kl_coef = float(micro["kl_coef"])
     if kl_coef:  # 0 * an overflowing estimate would still be NaN
         loss = loss + kl_coef * kl
@@ -84,11 +93,12 @@ def ppo_objective(model: torch.nn.Module, micro: Batch, algo: AlgorithmConfig, t
         "entropy": float(entropy.detach()),
         "kl_loss": float(kl.detach()),
         "clipfrac": pg_stats["clipfrac"],
-        "approx_kl": pg_stats["approx_kl"],
     }
+    if "approx_kl" in pg_stats:  # token-level ratios (not GSPO): KL(old || new) as k3 and as k1
+        stats |= {"approx_kl": pg_stats["approx_kl"], "ppo_kl": pg_stats["ppo_kl"]}
     if own_old:
         gap = (old_logp - micro["rollout_logprobs"]).abs() * mask
-        per_token = "token_mean" if algo.loss_agg == "token_mean" else "seq_mean_token_mean"
+        per_token = "token_mean" if agg == "token_mean" else "seq_mean_token_mean"
         stats["logprob_diff_mean"] = float(aggregate(gap, mask, per_token))
         stats["logprob_diff_max"] = float(gap.max()) if gap.numel() else 0.0
     return loss, stats

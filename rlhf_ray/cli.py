@@ -30,7 +30,9 @@ def cmd_config(args: argparse.Namespace) -> None:
 def cmd_make_tiny(args: argparse.Namespace) -> None:
     from rlhf_ray.recipes.tiny import make_tiny
 
-    paths = make_tiny(args.out, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed)
+    paths = make_tiny(
+        args.out, arch=args.arch, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed, tie=args.tie
+    )
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 
 
@@ -177,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2", help="model family of policy and reward model")
+    p.add_argument("--tie", action="store_true", help="tie the LM head to the input embedding (tie_word_embeddings)")
     p.set_defaults(fn=cmd_make_tiny)
     return parser
 

@@ -114,22 +114,66 @@ class KLConfig(Section):
     )
     coef: float = Field(0.05, ge=0)
     adaptive: bool = False
-    target: float = Field(6.0, gt=0, description="Target KL in nats per sequence (adaptive only).")
+    target: float = Field(
+        6.0, gt=0,
+        description="Target KL of the adaptive controller (adaptive only), nats per sequence: the sum over a "
+        "response's tokens (the `kl/mean` metric), not the per-token mean (`kl/per_token`).",
+    )
     horizon: int = Field(10000, gt=0)
+    clamp: float | None = Field(
+        10.0, gt=0, description="Bound on |per-token KL estimate| (nats); beyond it the k3 gradient explodes. None: off."
+    )
+
+
+# Settings each algorithm implies unless the config sets them (field -> value; "kl" holds KLConfig fields).
+ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
+    "ppo": {"dual_clip": 3.0},
+    "grpo": {"kl": {"placement": "loss", "estimator": "k3"}},
+    "dr_grpo": {"grpo_normalize_std": False, "loss_agg": "seq_mean_token_sum_norm",
+                "kl": {"placement": "loss", "estimator": "k3"}},
+    "dapo": {"clip_low": 0.2, "clip_high": 0.28, "loss_agg": "token_mean", "dynamic_sampling": True,
+             "kl": {"placement": "loss", "estimator": "k3", "coef": 0.0}},
+    "gspo": {"clip_low": 3e-4, "clip_high": 4e-4, "kl": {"placement": "loss", "estimator": "k3"}},
+}
 
 
 class AlgorithmConfig(Section):
-    name: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = "ppo"
+    name: Literal["ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
+        "ppo",
+        description="ppo (GAE + critic), grpo, dr_grpo (no std, constant normaliser), dapo (clip-higher, token "
+        "loss, dynamic sampling), gspo (sequence-level ratio), rloo, reinforce_pp, reinforce_pp_baseline (group "
+        "baseline); each implies the settings in ALGORITHM_PRESETS unless set (see the README's algorithm table).",
+    )
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
-    clip_low: float = Field(0.2, gt=0)
-    clip_high: float = Field(0.2, gt=0)
-    dual_clip: float | None = Field(None, gt=1)
+    clip_low: float = Field(0.2, gt=0, description="eps_low: the ratio is clipped below at 1 - clip_low.")
+    clip_high: float = Field(0.2, gt=0, description="eps_high: above at 1 + clip_high (DAPO clip-higher: 0.28).")
+    dual_clip: float | None = Field(None, gt=1, description="Cap -dual_clip * A on negative-advantage tokens; ppo: 3.")
+    log_ratio_clamp: float | None = Field(
+        20.0, gt=0, description="Bound on |log pi/pi_old| and |log pi/pi_ref| before exp(); None: unbounded."
+    )
     value_clip: float | None = Field(0.2, gt=0)
     vf_coef: float = Field(0.5, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
-    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"] = "token_mean"
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = Field(
+        "token_mean",
+        description="token_mean (DAPO token-level), seq_mean_token_mean, seq_mean_token_sum, seq_mean_token_sum_norm "
+        "(sum / (B * loss_norm_len), Dr. GRPO).",
+    )
+    loss_norm_len: int | None = Field(
+        None, ge=1, description="The constant T of seq_mean_token_sum_norm, tokens; None: the batch's padded width."
+    )
     grpo_normalize_std: bool = True
+    grpo_std_eps: float = Field(1e-6, gt=0, description="Added to the group std before dividing by it.")
+    overlong_buffer: int = Field(
+        0, ge=0, description="DAPO soft overlong penalty over the last this many tokens before max_new_tokens; 0: off."
+    )
+    overlong_penalty: float = Field(1.0, ge=0, description="Reward subtracted at max_new_tokens (linear over the buffer).")
+    overlong_filter: bool = Field(False, description="Truncated responses (finish 'length') get no gradient.")
+    dynamic_sampling: bool = Field(
+        False, description="Drop prompt groups whose rewards are all equal and generate more until the batch is full."
+    )
+    dynamic_sampling_max_rounds: int = Field(3, ge=0, description="Extra generation rounds per step at most.")
     whiten_advantages: bool = True
     tis_cap: float | None = Field(2.0, gt=0, description="Truncated importance weight cap; None disables.")
     logprob_mismatch_warn: float = Field(
@@ -144,9 +188,30 @@ class AlgorithmConfig(Section):
     )
     kl: KLConfig = Field(default_factory=KLConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _algorithm_presets(cls, data: Any) -> Any:
+        """Fill in the settings `name` implies (ALGORITHM_PRESETS) where the config leaves them unset."""
+        if not isinstance(data, dict):
+            return data
+        preset = ALGORITHM_PRESETS.get(data.get("name", "ppo"), {})
+        data = dict(data)
+        for key, value in preset.items():
+            if key == "kl":
+                if isinstance(data.get("kl", {}), dict):
+                    data["kl"] = {**value, **data.get("kl", {})}
+            else:
+                data.setdefault(key, value)
+        return data
+
     @property
     def uses_critic(self) -> bool:
         return self.name == "ppo"
+
+    @property
+    def group_baseline(self) -> bool:
+        """Advantages from the group of samples of one prompt (GRPO family, RLOO, REINFORCE++ baseline)."""
+        return self.name in ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp_baseline")
 
 
 class RewardFunctionConfig(Section):
@@ -258,6 +323,18 @@ class WeightSyncConfig(Section):
         "through it (identity rows), drawn afresh from each policy version; 0 reads every column (exact but slow: "
         "the read costs in_features times one token's FLOPs). Other tensors are always summed whole.",
     )
+    probe_every: int = Field(
+        1, ge=0,
+        description="Every this many broadcasts, each rollout actor scores a fixed batch of token sequences and its "
+        "log-probs must equal the learner's (within probe_tol): proves what vLLM samples from, which checksums of "
+        "the tensors sent cannot (e.g. a tied LM head). 0 turns the probe off.",
+    )
+    probe_tokens: int = Field(32, ge=2, description="Tokens per probe sequence (2 sequences per probe).")
+    probe_tol: float | None = Field(
+        None, gt=0,
+        description="Largest mean |vLLM - learner| probe log-prob, nats/token; None: 1e-3 for float32 weights, "
+        "5e-2 for bf16/fp16.",
+    )
 
 
 class ClusterConfig(Section):
@@ -286,6 +363,17 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature of every learner and reference log-prob: log_softmax(logits / T) at the sampled tokens.
+
+        vLLM reports log-probs of the distribution it sampled from (`processed_logprobs`), so the
+        learner's old log-probs, the update's, the reference's and the mismatch metric must use the
+        same T, or the importance ratio, TIS weight and KL are skewed. Greedy (T = 0) reports T = 1.
+        """
+        temperature = self.rollout.sampling.temperature
+        return temperature if temperature > 0 else 1.0
 
     @property
     def skips_old_logprobs(self) -> bool:
@@ -324,7 +412,7 @@ class RunConfig(Section):
                 f"samples per step = train.prompts_per_step × rollout.sampling.n = {samples} must be "
                 f"divisible by learner.minibatch_size={mb}"
             )
-        if self.algorithm.name in ("grpo", "rloo") and self.rollout.sampling.n < 2:
+        if self.algorithm.group_baseline and self.rollout.sampling.n < 2:
             raise ValueError(
                 f"algorithm.name={self.algorithm.name} needs rollout.sampling.n >= 2 (a group per prompt), "
                 f"got {self.rollout.sampling.n}"
@@ -334,6 +422,12 @@ class RunConfig(Section):
                 f"rollout.sampling.max_new_tokens={self.rollout.sampling.max_new_tokens} leaves no room "
                 f"for a prompt in model.max_model_len={self.model.max_model_len}; fix: lower "
                 "rollout.sampling.max_new_tokens or raise model.max_model_len"
+            )
+        if self.train.async_mode and self.algorithm.dynamic_sampling:
+            raise ValueError(
+                f"algorithm.dynamic_sampling=true (algorithm.name={self.algorithm.name}) generates extra rounds within "
+                "a step, which async mode's one-step-ahead batch does not allow; set train.async_mode=false or "
+                "algorithm.dynamic_sampling=false"
             )
         if self.train.async_mode and self.train.max_staleness != 1:
             raise ValueError(

@@ -7,10 +7,12 @@ import torch
 from rlhf_ray.algorithms import (
     broadcast_sequence_advantage,
     gae_advantages,
+    group_baseline_scores,
     grpo_advantages,
     kl_estimate,
     masked_mean,
     masked_whiten,
+    overlong_penalty,
     reinforce_pp_advantages,
     rloo_advantages,
     token_level_rewards,
@@ -30,6 +32,8 @@ def make_experience(
     kl_coef: float,
     group_size: int,
     valid: torch.Tensor | None = None,
+    truncated: torch.Tensor | None = None,
+    max_new_tokens: int | None = None,
 ) -> tuple[Experience, dict[str, float]]:
     """Score a collated batch: the `protocol.Experience` the update trains on, and the step's kl/ metrics.
 
@@ -42,7 +46,12 @@ def make_experience(
     values: [N, R] critic values (PPO only), else None.
     kl_coef: current KL coefficient. group_size: samples per prompt (rows of a group are contiguous).
     valid: [N] bool, False where the reward failed: such a row gets advantage 0, stays out of group
-    baselines and whitening statistics, and (PPO) gives the critic no target (returns = its values).
+    baselines and whitening statistics, and leaves the loss altogether: its response_mask in the
+    experience is 0, so it is in neither the token-mean denominator nor the critic's targets.
+    truncated: [N] bool, True for responses cut at max_new_tokens; with algo.overlong_filter they
+    are treated like failed rows (DAPO overlong filtering).
+    max_new_tokens: the generation limit, needed by algo.overlong_buffer (DAPO soft overlong penalty,
+    added to `scores`).
     KL placement is decided here, once: with algorithm.kl.placement "reward" the KL enters the
     token rewards and the experience's kl_coef (the loss's weight) is 0; with "loss" the rewards
     hold no KL and kl_coef is the controller's value. Metrics in nats.
@@ -50,9 +59,19 @@ def make_experience(
     mask = batch["response_mask"]
     if valid is None:
         valid = torch.ones(mask.shape[0], dtype=torch.bool)
+    metrics: dict[str, float] = {}
+    if algo.overlong_filter and truncated is not None:
+        valid = valid & ~truncated
+        metrics["rollout/overlong_filtered"] = float(truncated.sum())
+    if algo.overlong_buffer:
+        if max_new_tokens is None:
+            raise ValueError("algorithm.overlong_buffer needs make_experience(max_new_tokens=sampling.max_new_tokens)")
+        penalty = overlong_penalty(mask.sum(-1), max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
+        scores = scores + penalty
+        metrics["reward/overlong_penalty_mean"] = float(penalty.mean())
     adv_mask = mask * valid.unsqueeze(-1).to(mask.dtype)  # response tokens of rows with a reward
     policy_logprobs = batch["rollout_logprobs"] if old_logprobs is None else old_logprobs
-    kl = kl_estimate(policy_logprobs, ref_logprobs, algo.kl.estimator) * mask
+    kl = kl_estimate(policy_logprobs, ref_logprobs, algo.kl.estimator, algo.log_ratio_clamp, algo.kl.clamp) * mask
     kl_per_seq = kl.sum(-1)
     in_reward = algo.kl.placement == "reward"
     rewards = token_level_rewards(scores, kl, mask, kl_coef if in_reward else 0.0)
@@ -67,13 +86,17 @@ def make_experience(
             advantages = masked_whiten(advantages, adv_mask)
     elif algo.name == "reinforce_pp":
         advantages = reinforce_pp_advantages(rewards, adv_mask, algo.gamma)
+    elif algo.name == "reinforce_pp_baseline":
+        centred = group_baseline_scores(scores, group_size, valid)
+        centred_rewards = token_level_rewards(centred, kl, mask, kl_coef if in_reward else 0.0)
+        advantages = reinforce_pp_advantages(centred_rewards, adv_mask, algo.gamma)
     else:
         # Group baselines work on sequence rewards; a KL in the reward enters as its per-sequence sum.
         seq_rewards = rewards.sum(-1)
-        if algo.name == "grpo":
-            seq_adv = grpo_advantages(seq_rewards, group_size, algo.grpo_normalize_std, valid=valid)
-        else:
+        if algo.name == "rloo":
             seq_adv = rloo_advantages(seq_rewards, group_size, valid=valid)
+        else:  # the GRPO family: grpo, dr_grpo, dapo, gspo
+            seq_adv = grpo_advantages(seq_rewards, group_size, algo.grpo_normalize_std, algo.grpo_std_eps, valid=valid)
         advantages = broadcast_sequence_advantage(seq_adv, mask)
     exp = Experience(
         **batch,
@@ -82,10 +105,11 @@ def make_experience(
         advantages=advantages * adv_mask,
         kl_coef=torch.tensor(0.0 if in_reward else kl_coef),
     )
+    exp["response_mask"] = adv_mask  # failed rows leave the loss, its denominator and the critic's targets
     if algo.name == "ppo":
         exp.update(critic)
 
-    metrics = {
+    metrics |= {
         "kl/mean": float(kl_per_seq.mean()),
         "kl/per_token": float(masked_mean(kl, mask)),
         "kl/coef": float(kl_coef),

@@ -31,3 +31,8 @@ def nan_every_other_call(prompt, response, row):
     """NaN on every second call: with n=2 samples per prompt, one sample of each group."""
     nan_calls[0] += 1
     return float("nan") if nan_calls[0] % 2 else 1.0
+
+
+def brevity_on_odd_rows(prompt, response, row):
+    """The same score for every sample of an even row (a group without signal), brevity for odd rows."""
+    return 0.0 if row["i"] % 2 == 0 else -len(response) / 100.0

@@ -38,7 +38,7 @@ def test_overrides_apply_with_yaml_types():
         ("train.prompts_per_step=-4", "train.prompts_per_step: Input should be greater than or equal to 1 (got -4)"),
         ("learner.zero_stage=4", "learner.zero_stage: Input should be 0, 1, 2 or 3 (got 4)"),
         ("rollout.num_actors=two", "rollout.num_actors: Input should be a valid integer"),
-        ("algorithm.name=dpo", "algorithm.name: Input should be 'ppo', 'grpo', 'rloo' or 'reinforce_pp'"),
+        ("algorithm.name=dpo", "algorithm.name: Input should be 'ppo', 'grpo', 'dr_grpo', 'dapo', 'gspo', 'rloo'"),
     ],
 )
 def test_bad_values_name_field_value_and_allowed(override, expected):

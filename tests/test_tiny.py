@@ -77,3 +77,25 @@ def test_llama_arch_loads(tmp_path: Path) -> None:
     paths = make_tiny(tmp_path, arch="llama", hidden_size=128, num_heads=2, num_kv_heads=2, reward_model=False)
     model = AutoModelForCausalLM.from_pretrained(paths["policy"])
     assert model.config.model_type == "llama" and model.config.head_dim == 64
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_tied_model_shares_the_head_and_stores_no_lm_head(tmp_path: Path, arch: str) -> None:
+    from safetensors import safe_open
+
+    paths = make_tiny(tmp_path, arch=arch, tie=True, reward_model=False)
+    model = AutoModelForCausalLM.from_pretrained(paths["policy"])
+    assert model.config.tie_word_embeddings is True
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with safe_open(paths["policy"] / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+    untied = AutoModelForCausalLM.from_pretrained(make_tiny(tmp_path / "u", arch=arch, reward_model=False)["policy"])
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+def test_make_tiny_cli_takes_arch_and_tie(tmp_path: Path) -> None:
+    from rlhf_ray.cli import main
+
+    assert main(["make-tiny", str(tmp_path), "--arch", "llama", "--tie"]) in (0, None)
+    config = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").config
+    assert config.model_type == "llama" and config.tie_word_embeddings is True

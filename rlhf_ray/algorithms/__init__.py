@@ -2,8 +2,12 @@
 
 from .advantages import (
     broadcast_sequence_advantage,
+    check_right_padded,
     gae_advantages,
+    group_baseline_scores,
     grpo_advantages,
+    informative_groups,
+    overlong_penalty,
     reinforce_pp_advantages,
     rloo_advantages,
     token_level_rewards,
@@ -11,7 +15,10 @@ from .advantages import (
 from .guards import all_finite, first_nonfinite
 from .kl import AdaptiveKLController, FixedKLController, kl_estimate
 from .losses import (
+    K3_CLAMP,
+    LOG_RATIO_CLAMP,
     aggregate,
+    gspo_policy_loss,
     entropy_from_logits,
     logprobs_from_logits,
     pairwise_rm_loss,
@@ -27,7 +34,14 @@ __all__ = [
     "FixedKLController",
     "aggregate",
     "all_finite",
+    "K3_CLAMP",
+    "LOG_RATIO_CLAMP",
     "broadcast_sequence_advantage",
+    "check_right_padded",
+    "group_baseline_scores",
+    "gspo_policy_loss",
+    "informative_groups",
+    "overlong_penalty",
     "entropy_from_logits",
     "first_nonfinite",
     "gae_advantages",

@@ -51,6 +51,7 @@ def gae_advantages(
     returns = advantages + values are the value-function targets.
     """
     _check_same_shape(rewards=rewards, values=values, mask=mask)
+    check_right_padded(mask)
     pad = ~mask.bool()
     rewards = rewards.masked_fill(pad, 0.0)
     values = values.masked_fill(pad, 0.0)
@@ -65,6 +66,17 @@ def gae_advantages(
     advantages = advantages.masked_fill(pad, 0.0)
     returns = (advantages + values).masked_fill(pad, 0.0)
     return advantages, returns
+
+
+def check_right_padded(mask: torch.Tensor) -> None:
+    """Raise unless each row of mask [B, T] is ones then zeros (response tokens a prefix, right padding)."""
+    gaps = (mask[:, 1:].bool() & ~mask[:, :-1].bool()).any(dim=-1)
+    if gaps.any():
+        rows = gaps.nonzero().flatten().tolist()
+        raise ValueError(
+            f"response_mask rows {rows} have a gap before a later response token; returns are computed "
+            "back from each row's end and need right padding (every row: 1s, then 0s)"
+        )
 
 
 def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -137,9 +149,11 @@ def reinforce_pp_advantages(
 
     rewards: [B, T] per-token rewards (typically from token_level_rewards).
     mask: [B, T] 1 for response tokens, a prefix of each row. gamma: discount per token.
-    Returns [B, T], zero mean and unit variance over masked-in tokens, 0 outside the mask.
+    Returns [B, T], zero mean and unit variance over masked-in tokens, 0 outside the mask
+    (0 everywhere when fewer than two tokens are masked in).
     """
     _check_same_shape(rewards=rewards, mask=mask)
+    check_right_padded(mask)
     rewards = rewards.masked_fill(~mask.bool(), 0.0)
     running = torch.zeros_like(rewards[:, 0])
     returns = torch.zeros_like(rewards)
@@ -157,3 +171,47 @@ def broadcast_sequence_advantage(adv: torch.Tensor, mask: torch.Tensor) -> torch
     """
     _check_same_shape(adv=adv.shape, mask_rows=mask.shape[:1])
     return adv.unsqueeze(-1).expand_as(mask).masked_fill(~mask.bool(), 0.0)
+
+
+@torch.no_grad()
+def group_baseline_scores(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Each score minus the mean of its group's valid scores (REINFORCE++ with a group baseline, as in
+    veRL's reinforce_plus_plus_baseline; the whitening over the batch follows in reinforce_pp_advantages).
+
+    scores: [B*n], rows [i*n:(i+1)*n] the samples of prompt i. valid: [B*n] bool, False rows get 0
+    and stay out of the mean. Returns [B*n].
+    """
+    groups = _groups(scores, group_size)
+    v = _valid_groups(scores, group_size, valid)
+    mean = (groups * v).sum(dim=-1, keepdim=True) / v.sum(dim=-1, keepdim=True).clamp(min=1)
+    return ((groups - mean) * v).reshape(-1)
+
+
+@torch.no_grad()
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025): a reward term for responses near the length limit.
+
+    lengths: [N] response lengths in tokens. max_len: the generation limit (sampling.max_new_tokens).
+    buffer: the last `buffer` tokens before max_len over which the penalty grows linearly.
+    Returns [N]: 0 up to max_len - buffer, then -penalty * (length - (max_len - buffer)) / buffer,
+    reaching -penalty at max_len.
+    """
+    if buffer < 1 or buffer > max_len:
+        raise ValueError(f"overlong buffer must be in [1, max_len={max_len}] tokens, got {buffer}")
+    start = max_len - buffer
+    return -penalty * ((lengths.float() - start).clamp(min=0, max=buffer) / buffer)
+
+
+@torch.no_grad()
+def informative_groups(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """DAPO dynamic sampling: [B] bool, True for prompt groups whose valid scores are not all equal.
+
+    A group whose samples all score the same has advantage 0 for every sample under any group
+    baseline, so it contributes no gradient; a group with fewer than two valid rows likewise.
+    scores: [B*n]; valid: [B*n] bool or None.
+    """
+    groups = _groups(scores.double(), group_size)
+    v = _valid_groups(scores.double(), group_size, valid).bool()
+    high = torch.where(v, groups, torch.full_like(groups, -torch.inf)).max(dim=-1).values
+    low = torch.where(v, groups, torch.full_like(groups, torch.inf)).min(dim=-1).values
+    return (v.sum(dim=-1) >= 2) & (high > low)

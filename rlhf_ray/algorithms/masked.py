@@ -53,8 +53,12 @@ def masked_whiten(
 
     x: any shape. mask: same shape as x, 1 for entries to include.
     shift_mean: if False the original mean is added back, so only the scale changes.
-    Returns a tensor shaped like x, 0 outside the mask.
+    Returns a tensor shaped like x, 0 outside the mask. With fewer than 2 masked-in entries there
+    is no spread to normalise by: the result is 0 everywhere (the masked-in entry is its own mean),
+    or x on the mask when shift_mean is False.
     """
+    if int(mask.bool().sum()) < 2:
+        return x.masked_fill(~mask.bool(), 0.0) if not shift_mean else torch.zeros_like(x)
     mean = masked_mean(x, mask)
     var = masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + eps)

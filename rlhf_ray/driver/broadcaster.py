@@ -2,7 +2,8 @@
 
 The driver owns the group's life cycle: it asks learner rank 0 to listen (on its own node), (re)builds the group
 when rollout actors join or leave, triggers each broadcast on both sides at once, and checks
-afterwards that every actor reports the new version and the learner's per-layer checksums.
+afterwards that every actor reports the new version and the learner's per-layer checksums, and (every
+`weight_sync.probe_every` broadcasts) that every actor's log-probs on a fixed probe batch equal the learner's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import ray
 
 from rlhf_ray.config import WeightSyncConfig
+from rlhf_ray.probe import probe_batch, probe_gap, probe_tolerance
 from rlhf_ray.ray_utils import ActorCallError, LearnerRankError, get_with_timeout
 from rlhf_ray.weight_sync import ParamSums, SyncGroupSpec, compare_checksums, expected_layer_sums, plan_buckets
 
@@ -27,6 +29,8 @@ class BroadcastStats:
     bytes: int
     seconds: float  # from the driver's call until every actor has loaded the weights
     reload_seconds: float = 0.0  # of those, the slowest actor's time inside vLLM's reload
+    probe_diff_mean: float = float("nan")  # worst actor's mean |vLLM - learner| probe log-prob, nats/token
+    probe_diff_max: float = float("nan")  # and the largest single gap, nats (NaN: not probed this time)
 
     @property
     def gb_per_s(self) -> float:
@@ -58,6 +62,7 @@ class WeightBroadcaster:
         metas = ray.get(learners.workers[0].weight_metas.remote())
         self.plan = plan_buckets(metas, int(cfg.bucket_mb * 2**20))
         self.total_bytes = sum(m.nbytes for m in metas)
+        self.dtype = metas[0].dtype
         self.generation = 0
         self.members: list[str] = []
         self.owners: list[int] = []  # cuda_ipc: per rollout actor, the learner rank that shares its GPU
@@ -127,7 +132,10 @@ class WeightBroadcaster:
         self.pool.version = version
         if self.cfg.verify:
             self.verify(send_sums)
-        return BroadcastStats(version, self.total_bytes, seconds, reload_s)
+        stats = BroadcastStats(version, self.total_bytes, seconds, reload_s)
+        if self.cfg.probe_every and version % self.cfg.probe_every == 0:
+            stats.probe_diff_mean, stats.probe_diff_max = self.probe(version)
+        return stats
 
     def _send(self, version: int) -> tuple[ParamSums, float]:
         """Through the weight-sync group: learner rank 0 sends every bucket while each actor receives and loads.
@@ -197,6 +205,31 @@ class WeightBroadcaster:
             if version != self.pool.version:
                 raise RuntimeError(f"{name} reports policy version {version}, expected {self.pool.version}")
             compare_checksums(expected_layer_sums(sent, column_sampled), sums, who=name)
+
+    def probe(self, version: int) -> tuple[float, float]:
+        """Every actor's log-probs on a fixed probe batch must equal the learner's (`rlhf_ray.probe`), or we raise.
+
+        Returns the worst actor's (mean, max) gap, nats/token and nats.
+        """
+        refs = [a.probe_logprobs.remote(2, self.cfg.probe_tokens, version) for a in self.pool.actors]
+        results = self._call(refs, list(self.pool.actor_names), "log-prob probe")
+        ids = results[0][0]
+        learner_logp = self.learners.compute_logprobs(probe_batch(ids))
+        tol = probe_tolerance(self.dtype, self.cfg.probe_tol)
+        worst = (0.0, 0.0)
+        for name, (actor_ids, actor_logp) in zip(self.pool.actor_names, results):
+            if actor_ids != ids:
+                raise RuntimeError(f"{name} probed other token ids than {self.pool.actor_names[0]}: vocabularies differ")
+            mean, top = probe_gap(learner_logp, actor_logp)
+            if mean > tol:
+                raise RuntimeError(
+                    f"{name} at policy version {version}: log-probs on the probe batch differ from the learner's by "
+                    f"{mean:.4g} nats/token on average (max {top:.4g}), above weight_sync.probe_tol={tol:g}. vLLM "
+                    "is not computing with the weights the learner sent (a module it derives and did not refresh?); "
+                    "raise probe_tol only for a known precision gap"
+                )
+            worst = max(worst, (mean, top))
+        return worst
 
 
 def pair_by_gpu(learner_uuids: list[str], actor_uuids: list[str], actor_names: list[str]) -> list[int]:

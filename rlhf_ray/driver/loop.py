@@ -18,7 +18,8 @@ from rlhf_ray.driver.recovery import apply_scaling, broadcast_replacing_dead, fa
 from rlhf_ray.experience import make_experience
 from rlhf_ray.protocol import Experience, RolloutBatch, RolloutResult, collate
 from rlhf_ray.driver.components import RunComponents, build_components, restore_checkpoint, save_checkpoint
-from rlhf_ray.driver.step_guard import StepGuard, guard_rewards
+from rlhf_ray.driver.dynamic_sampling import fill_with_informative_groups, score_rollout
+from rlhf_ray.driver.step_guard import StepGuard
 from rlhf_ray.tracking import StageTimer
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,19 @@ def logprob_gap(
     return {"rollout/logprob_diff_mean": float(masked_mean(gap, mask)), "rollout/logprob_diff_max": float(gap.max())}
 
 
-def update_learners(c: RunComponents, exp: Experience) -> dict[str, float]:
-    """The policy update (and the critic's, its metrics other than value ones as train/critic_*) on `exp`."""
-    metrics = c.policy.ppo_update(exp)
+def update_learners(c: RunComponents, exp: Experience, temperature: float) -> dict[str, float]:
+    """The policy update (and the critic's, its metrics other than value ones as train/critic_*) on `exp`;
+    `temperature` is the one the rollout sampled at (`RunConfig.logprob_temperature`)."""
+    metrics = c.policy.ppo_update(exp, temperature)
     if c.critic is not None:
         critic = c.critic.value_update(exp)
         metrics |= {k if "value" in k else k.replace("train/", "train/critic_"): v for k, v in critic.items()}
     return metrics
+
+
+def _generate(c: RunComponents) -> tuple[list[dict[str, Any]], RolloutResult]:
+    rows, ids = c.prompts.next_batch()
+    return rows, c.pool.generate(ids)
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
@@ -73,6 +80,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
     start = restore_checkpoint(c, kl_ctl, guard) if resume else 0
     n = cfg.rollout.sampling.n
     algo = cfg.algorithm
+    temperature = cfg.logprob_temperature  # of every log-prob below: the one vLLM sampled at
     pending = None  # async mode: (rows, handle) of the batch being generated during an update
     if cfg.train.async_mode:
         rows, ids = c.prompts.next_batch()
@@ -94,29 +102,37 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
             if cfg.train.async_mode and step + 1 < cfg.train.steps:
                 next_rows, next_ids = c.prompts.next_batch()  # generated with this version during stages 2-3
                 pending = (next_rows, c.pool.submit(next_ids))
-            batch = collate(rollout.samples, c.tokenizer.pad_token_id)
-            responses = c.tokenizer.batch_decode([s.response_ids for s in rollout.samples], skip_special_tokens=True)
-            prompts = [rows[s.prompt_id]["prompt"] for s in rollout.samples]
-            sample_rows = [rows[s.prompt_id] for s in rollout.samples]
 
-            # 2. rewards, reference and learner log-probs, values
+            # 2. rewards (NaN/inf/huge scores masked), reference and learner log-probs, values
             with timer("reward"):
-                rewards = c.reward.score([s.prompt_ids + s.response_ids for s in rollout.samples], prompts, responses, sample_rows)
-                rewards = guard_rewards(rewards, len(rollout.samples))  # NaN/inf/huge scores are masked
+                scored = score_rollout(c, rows, rollout)
+            sampling_metrics: dict[str, float] = {}
+            if algo.dynamic_sampling:  # DAPO: only groups whose rewards differ, more prompts until B of them
+                with timer("dynamic_sampling"):
+                    scored, sampling_metrics = fill_with_informative_groups(
+                        scored, lambda: score_rollout(c, *_generate(c)), cfg.train.prompts_per_step, n,
+                        algo.dynamic_sampling_max_rounds,
+                    )
+            rows, rollout, prompts, responses, rewards = (
+                scored.rows, scored.rollout, scored.prompts, scored.responses, scored.rewards
+            )
+            batch = collate(rollout.samples, c.tokenizer.pad_token_id)
             with timer("reference"):
-                ref_logp = c.reference.compute_logprobs(batch)
+                ref_logp = c.reference.compute_logprobs(batch, temperature)
             with timer("logprobs"):  # one on-policy optimizer step needs no old log-probs (cfg.skips_old_logprobs)
-                old_logp = None if cfg.skips_old_logprobs else c.policy.compute_logprobs(batch)
+                old_logp = None if cfg.skips_old_logprobs else c.policy.compute_logprobs(batch, temperature)
                 values = c.critic.compute_values(batch) if algo.uses_critic else None
 
             # 3. advantages and KL, then the update
             scores = c.reward_normalizer(rewards["scores"], rewards["valid"])
             exp, step_metrics = make_experience(
-                batch, scores, old_logp, ref_logp, values, algo, kl_ctl.value, n, valid=rewards["valid"]
+                batch, scores, old_logp, ref_logp, values, algo, kl_ctl.value, n, valid=rewards["valid"],
+                truncated=torch.tensor([s.finish_reason == "length" for s in rollout.samples]),
+                max_new_tokens=cfg.rollout.sampling.max_new_tokens,
             )
             with timer("update"):  # vetoed on NaN/inf experience; the run stops after too many skips in a row
                 veto = guard.check_experience(exp)
-                step_metrics |= guard.record_update(step, veto, {} if veto else update_learners(c, exp))
+                step_metrics |= guard.record_update(step, veto, {} if veto else update_learners(c, exp, temperature))
             if guard.applied:
                 kl_ctl.update(step_metrics["kl/mean"], len(rollout.samples))
 
@@ -127,13 +143,15 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
 
             # 5. logging and checkpoints
             step_metrics |= rollout_metrics(rollout, batch) | logprob_gap(batch, old_logp, step_metrics)
-            step_metrics |= failure_metrics(rollout) | pool_metrics
+            step_metrics |= failure_metrics(rollout) | pool_metrics | sampling_metrics
             step_metrics |= {
                 "reward/mean": float(rewards["scores"].mean()),
                 "reward/std": float(rewards["scores"].std()),
                 "reward/masked_rows": float((~rewards["valid"]).sum()),
                 "perf/sync_gb_per_s": sync.gb_per_s,
                 "timing/sync_reload_s": sync.reload_seconds,
+                "rollout/probe_logprob_diff_mean": sync.probe_diff_mean,
+                "rollout/probe_logprob_diff_max": sync.probe_diff_max,
                 "perf/samples_per_s": len(rollout.samples) / (time.perf_counter() - step_start),
             }
             step_metrics |= {f"reward/{k}_mean": float(v.float().mean()) for k, v in rewards.items() if k not in ("scores", "valid")}

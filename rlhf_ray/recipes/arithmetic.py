@@ -68,6 +68,7 @@ def run_arithmetic(cfg: RunConfig, out: Path, sizes: dict[str, int] = ARITHMETIC
         "reward_last_quarter": sum(reward[-k:]) / k,
         "reward_per_step": reward,
         "kl_per_step": [r["kl/mean"] for r in rows],
+        "dynamic_sampling_rounds_per_step": [r.get("rollout/dynamic_sampling_rounds", 0.0) for r in rows],
         "sft_seconds": sft_seconds,
         "seconds": time.perf_counter() - start,
     }

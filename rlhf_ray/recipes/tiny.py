@@ -90,9 +90,14 @@ def model_config(
     num_heads: int,
     num_kv_heads: int,
     max_position: int,
+    tie: bool = False,
     **extra: int,
 ) -> Qwen2Config | LlamaConfig:
-    """The backbone config shared by policy and reward model; the vocabulary is the tokenizer's."""
+    """The backbone config shared by policy and reward model; the vocabulary is the tokenizer's.
+
+    tie: the LM head shares the input embedding matrix (tie_word_embeddings), as in Qwen2.5-0.5B/1.5B
+    and Llama-3.2; the checkpoint then holds no lm_head.weight.
+    """
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError(
             f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}, "
@@ -112,7 +117,7 @@ def model_config(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
         bos_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -139,6 +144,7 @@ def make_tiny(
     seed: int = 0,
     corpus: list[str] | None = None,
     reward_model: bool = True,
+    tie: bool = False,
 ) -> dict[str, Path]:
     """Build a random-init policy (and reward model) plus tokenizer under `out_dir`.
 
@@ -147,7 +153,7 @@ def make_tiny(
     emit decodes. head_dim = hidden_size / num_heads must be at least 32 (vLLM CPU attention).
     The MLP is 4·hidden wide, so a layer holds about (14 + 2·num_kv_heads/num_heads)·hidden²
     parameters: the default is 0.18M in all, and hidden_size=512, num_layers=8, num_heads=8,
-    num_kv_heads=2 gives 31M for benchmarks.
+    num_kv_heads=2 gives 31M for benchmarks. `tie` shares the embedding with the LM head.
 
     Returns {"policy": folder, "reward": folder} (no "reward" when reward_model is False).
     """
@@ -162,6 +168,7 @@ def make_tiny(
         "num_heads": num_heads,
         "num_kv_heads": num_kv_heads,
         "max_position": max_position,
+        "tie": tie,
     }
     paths = {"policy": out / "policy"}
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
