@@ -202,6 +202,13 @@ class TrainConfig(Section):
         "ahead, so async mode needs 1."
     )
     eval_every: int = Field(0, ge=0)
+    flat_reward_warn_steps: int = Field(
+        5, ge=1, description="Warn after this many steps in a row where no prompt's samples got different rewards "
+        "(every advantage 0: nothing is learned)."
+    )
+    flat_reward_stop_steps: int = Field(
+        0, ge=0, description="Stop the run (saving a checkpoint) after this many such steps in a row; 0 never stops."
+    )
     max_learner_restarts: int = Field(
         2, ge=0, description="Times `rlhf-ray train` resumes from the last complete checkpoint after a learner rank dies."
     )

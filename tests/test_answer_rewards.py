@@ -94,3 +94,22 @@ def test_loaded_by_dotted_path_and_scored_as_the_actor_does():
     assert out.scores == [1.0, 1.0, 0.0, 0.0]
     assert out.valid == [True, True, True, False]
     assert "needs the ground truth" in out.errors[0]
+
+
+def test_gsm8k_recipe_asks_for_the_format_its_reward_reads():
+    from test_prompts import make_tokenizer
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.prompts import format_prompt
+
+    cfg = load_config("configs/qwen2.5-1.5b-grpo.yaml", [])
+    ds = cfg.data.prompts
+    assert (ds.path, ds.subset, ds.split, ds.prompt_field, ds.template) == ("openai/gsm8k", "main", "train", "question", "chat")
+    [fn_cfg] = cfg.reward.functions
+    fn = load_reward_fn(fn_cfg.path)
+    row = GSM8K_ROWS[0]
+    prompt = format_prompt(row, ds, make_tokenizer())
+    assert "#### <number>" in prompt and row["question"] in prompt  # the system turn names the marker
+    follows_the_instruction = "In May she sold 48/2 = 24.\nIn all 48 + 24 = 72.\n#### 72"
+    assert fn(prompt, follows_the_instruction, row) == 1.0
+    assert fn(prompt, follows_the_instruction.replace("72", "71"), row) == 0.0

@@ -1,0 +1,57 @@
+"""Progress a person reads: flat-reward detection and its warning/stop, the ETA on the step line."""
+
+import logging
+import random
+import statistics
+
+import pytest
+
+from rlhf_ray.config import load_config
+from rlhf_ray.tracking import FlatRewardWatch, console_line, flat_reward, format_duration
+
+
+def flat_by_stdev(scores, valid, n):
+    """Reference: every group's population std of its valid rewards is 0."""
+    size = n if n > 1 else len(scores)
+    groups = [[s for s, v in zip(scores[i:i + size], valid[i:i + size]) if v] for i in range(0, len(scores), size)]
+    return all(len(g) < 2 or statistics.pstdev(g) == 0.0 for g in groups)
+
+
+def test_flat_reward_by_hand():
+    assert flat_reward([1, 1, 0, 0], [True] * 4, n=2)  # each prompt's pair agrees: advantages all 0
+    assert not flat_reward([1, 0, 0, 0], [True] * 4, n=2)
+    assert flat_reward([1, 0, 0, 0], [True, False, True, True], n=2)  # the differing one is masked
+    assert not flat_reward([1, 1, 0, 0], [True] * 4, n=1)  # one group: the batch
+    assert flat_reward([0.5] * 3, [True] * 3, n=1)
+
+
+def test_flat_reward_matches_a_stdev_reference():
+    rng = random.Random(0)
+    for _ in range(500):
+        n = rng.choice([1, 2, 4])
+        scores = [float(rng.choice([0, 0, 1])) for _ in range(n * rng.randint(1, 4))]
+        valid = [rng.random() > 0.2 for _ in scores]
+        assert flat_reward(scores, valid, n) == flat_by_stdev(scores, valid, n)
+
+
+def test_watch_warns_once_and_stops(caplog):
+    watch = FlatRewardWatch(warn_after=2, stop_after=3)
+    with caplog.at_level(logging.WARNING, logger="rlhf_ray.tracking"):
+        assert [watch.update(s, True) for s in range(2)] == [False, False]
+        assert "zero variance within every prompt's samples for 2 steps in a row" in caplog.text
+        assert watch.update(2, False) is False and watch.run == 0  # a step with signal resets the count
+        assert [watch.update(s, True) for s in range(3, 6)] == [False, False, True]
+    assert caplog.text.count("zero variance") == 2
+    assert not any(FlatRewardWatch(1, 0).update(s, True) for s in range(10))  # 0 never stops
+
+
+def test_console_line_eta():
+    assert console_line(0, 5, {}, eta_s=125.4) == "step 1/5 | eta 2m05s"
+    assert [format_duration(s) for s in (0, 59.6, 3600 * 2 + 7 * 60)] == ["0s", "1m00s", "2h07m"]
+
+
+def test_config_fields():
+    cfg = load_config(None, ["train.flat_reward_stop_steps=4"])
+    assert (cfg.train.flat_reward_warn_steps, cfg.train.flat_reward_stop_steps) == (5, 4)
+    with pytest.raises(Exception, match="flat_reward_warn_steps"):
+        load_config(None, ["train.flat_reward_warn_steps=0"])
