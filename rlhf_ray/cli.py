@@ -98,6 +98,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    if args.cluster:  # a cluster described in a file: no Ray needed
+        from rlhf_ray.driver.cluster_plan import cluster_plan_main
+
+        sys.exit(cluster_plan_main(_config(args), args.cluster, args.model_config))
     from rlhf_ray.driver.plan import plan_main
 
     sys.exit(plan_main(_config(args), args.address))
@@ -154,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default=None, help="write the results JSON here")
         if name in ("plan", "submit"):
             p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local head)")
+        if name == "plan":
+            p.add_argument("--cluster", default="", help="YAML of node pools (see cluster/pools.yaml): plan and size "
+                           "for that cluster without connecting to one")
+            p.add_argument("--model-config", default="", help="the model's config.json for --cluster (default: "
+                           "model.policy_path/config.json; shapes of common models in configs/models/)")
         if name == "submit":
             p.add_argument("--extra-pip", action="append", default=[], help="extra pip package (repeatable)")
             p.add_argument("--installer", choices=["pip", "uv"], default="pip")
