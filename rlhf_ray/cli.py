@@ -94,7 +94,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from rlhf_ray.driver.evaluate import eval_main
 
-    eval_main(_config(args), args.model, args.out)
+    eval_main(_config(args), args.model, args.out, args.templates)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -135,7 +135,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "rm": (cmd_rm, "reward model on the pairs of data.preferences; writes an HF checkpoint and metrics"),
     "train": (cmd_train, "RL training (PPO, GRPO, RLOO, REINFORCE++) with rollout actors and learners"),
     "demo": (cmd_demo, "InstructGPT in miniature on a CPU: pretrain, SFT, reward model, PPO"),
-    "eval": (cmd_eval, "score a checkpoint on data.eval under zero-shot, few-shot and CoT templates"),
+    "eval": (cmd_eval, "score a checkpoint on data.eval under its chat template and zero-shot, few-shot, CoT"),
     "plan": (cmd_plan, "print where every actor goes, the transport, KL placement and batch arithmetic"),
     "submit": (cmd_submit, "submit `train` to a Ray cluster with `ray job submit`"),
 }
@@ -155,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="instruct: pretrain, SFT, RM, PPO (default); arithmetic: SFT then GRPO on exact answers")
         if name == "eval":
             p.add_argument("--model", default="", help="model folder (default: model.policy_path)")
-            p.add_argument("--out", default=None, help="write the results JSON here")
+            p.add_argument("--out", default=None, help="the results JSON (default: runs/<run_name or eval>/eval.json); "
+                           "samples go to eval_samples.jsonl beside it")
+            p.add_argument("--templates", default="", help="comma-separated, of chat, zero_shot, few_shot, cot "
+                           "(default: all four on a chat model, the last three otherwise)")
         if name in ("plan", "submit"):
             p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local head)")
         if name == "plan":
