@@ -22,6 +22,7 @@ import time
 import torch
 
 from rlhf_ray.config import ModelConfig, RolloutConfig, SamplingConfig
+from rlhf_ray.console import quiet_partial_reload
 from rlhf_ray.cuda_ipc import SharedBucket, open_bucket
 from rlhf_ray.protocol import Sample
 from rlhf_ray.weight_sync import (
@@ -94,6 +95,7 @@ def request_seed(base_seed: int, prompt_id: int, step: int) -> int:
 
 
 def _reload_weights(worker, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+    quiet_partial_reload()
     worker.model_runner.reload_weights(weights_iterator=iter(named_tensors))
 
 
@@ -109,6 +111,7 @@ def _receive_and_reload(worker, plan: list[list[TensorMeta]]) -> float:
     The next bucket's receives are posted before the current bucket loads, so bytes travel
     while vLLM copies (and on CPU repacks) the previous layers.
     """
+    quiet_partial_reload()
     pg, device = worker.weight_sync_group, worker.weight_sync_device
     reload_s = 0.0
     pending = post_receive(pg, plan[0], device)
@@ -125,6 +128,7 @@ def _receive_and_reload(worker, plan: list[list[TensorMeta]]) -> float:
 
 def _reload_shared(worker, shared: SharedBucket) -> None:
     """In each vLLM worker: open the learner's CUDA IPC buffers on this GPU and reload from those views."""
+    quiet_partial_reload()
     worker.model_runner.reload_weights(weights_iterator=iter(open_bucket(shared)))
     torch.cuda.current_stream().synchronize()  # done reading before the learner frees the buffers
 

@@ -18,6 +18,13 @@ def _config(args: argparse.Namespace) -> RunConfig:
     return load_config(config, overrides)
 
 
+def _route_worker_output(args: argparse.Namespace, run_dir: Path) -> None:
+    """vLLM, DeepSpeed and Ray worker logs to run_dir/workers.log (and the console with --verbose)."""
+    from rlhf_ray.console import WORKER_LOG, set_worker_output
+
+    set_worker_output(run_dir / WORKER_LOG, verbose=args.verbose)
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     """Print the resolved config (secrets redacted)."""
     import yaml
@@ -41,7 +48,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = _config(args)
     if args.resume and not cfg.train.run_name:
         raise ConfigError("--resume needs train.run_name: the run folder to continue (runs/<run_name>)")
-    train_supervised(cfg, run_dir_for(cfg), resume=args.resume)
+    run_dir = run_dir_for(cfg)
+    _route_worker_output(args, run_dir)
+    train_supervised(cfg, run_dir, resume=args.resume)
 
 
 def cmd_scale(args: argparse.Namespace) -> None:
@@ -59,12 +68,13 @@ def _stage(kind: str, args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     run_dir = run_dir_for(cfg)
+    _route_worker_output(args, run_dir)
     try:
         metrics = stage_main(cfg, kind, run_dir)
     except DataError as err:  # a bad dataset is the user's input, like a bad config: a message, no traceback
         raise ConfigError(str(err)) from None
     print(json.dumps(metrics, indent=2))
-    print(f"checkpoint: {run_dir / 'checkpoint'}")
+    print(f"model: {run_dir / 'checkpoint'}")  # again, after the metrics, as the last line
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
@@ -82,19 +92,23 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from rlhf_ray.driver.components import run_dir_for
 
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+    run_dir = run_dir_for(cfg)
+    _route_worker_output(args, run_dir)
     if args.task == "arithmetic":
         from rlhf_ray.recipes.arithmetic import run_arithmetic
 
-        results = run_arithmetic(cfg, run_dir_for(cfg))
+        results = run_arithmetic(cfg, run_dir)
     else:
-        results = run_demo(cfg, run_dir_for(cfg), SIZES)
+        results = run_demo(cfg, run_dir, SIZES)
     print(json.dumps({k: v for k, v in results.items() if k != "examples"}, indent=2))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from rlhf_ray.driver.evaluate import eval_main
 
-    eval_main(_config(args), args.model, args.out, args.templates)
+    cfg = _config(args)
+    _route_worker_output(args, Path(args.out).parent if args.out else Path(cfg.train.output_dir) / (cfg.train.run_name or "eval"))
+    eval_main(cfg, args.model, args.out, args.templates)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -148,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         _add_config_args(p, optional=True)
         p.set_defaults(fn=fn)
+        if name in ("train", "sft", "rm", "demo", "eval"):
+            p.add_argument("-v", "--verbose", action="store_true",
+                           help="show vLLM, DeepSpeed and Ray worker logs here too (always in <run folder>/workers.log)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
         if name == "demo":

@@ -147,6 +147,31 @@ def flat_reward(scores: Sequence[float], valid: Sequence[bool], n: int) -> bool:
     return True
 
 
+class EpochProgress:
+    """One console line per finished epoch of a supervised stage, e.g. `sft epoch 2/5 | loss 1.234 | 12s | eta 36s`,
+    showing the step's metrics whose names end in loss or accuracy."""
+
+    def __init__(self, name: str, epochs: int, steps_per_epoch: int) -> None:
+        self.name, self.epochs, self.per_epoch = name, epochs, max(steps_per_epoch, 1)
+        self.start = time.perf_counter()
+
+    def line(self, step: int, metrics: Mapping[str, float], elapsed_s: float) -> str | None:
+        """The line after 0-based optimizer step `step`, or None when it does not end an epoch."""
+        if (step + 1) % self.per_epoch:
+            return None
+        epoch = (step + 1) // self.per_epoch
+        shown = [f"{k.split('/')[-1]} {float(v):.4g}" for k, v in metrics.items()
+                 if k.split("/")[-1].endswith(("loss", "accuracy"))]
+        eta = elapsed_s / epoch * (self.epochs - epoch)
+        return " | ".join([f"{self.name} epoch {epoch}/{self.epochs}", *shown, format_duration(elapsed_s),
+                           f"eta {format_duration(eta)}"])
+
+    def step(self, step: int, metrics: Mapping[str, float]) -> None:
+        text = self.line(step, metrics, time.perf_counter() - self.start)
+        if text:
+            print(text, flush=True)
+
+
 class FlatRewardWatch:
     """Counts RL steps in a row whose rewards were flat (`flat_reward`); warns once at `warn_after` and asks the
     loop to stop at `stop_after` (0 never)."""

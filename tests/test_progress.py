@@ -55,3 +55,46 @@ def test_config_fields():
     assert (cfg.train.flat_reward_warn_steps, cfg.train.flat_reward_stop_steps) == (5, 4)
     with pytest.raises(Exception, match="flat_reward_warn_steps"):
         load_config(None, ["train.flat_reward_warn_steps=0"])
+
+
+def test_epoch_progress_lines():
+    from rlhf_ray.tracking import EpochProgress
+
+    p = EpochProgress("sft", epochs=3, steps_per_epoch=4)
+    metrics = {"train/sft_loss": 1.23456, "train/lr": 1e-3}
+    assert [p.line(s, metrics, 10.0) for s in (0, 1, 2)] == [None, None, None]
+    assert p.line(3, metrics, 10.0) == "sft epoch 1/3 | sft_loss 1.235 | 10s | eta 20s"
+    assert p.line(11, {"train/rm_accuracy": 0.75}, 30.0) == "sft epoch 3/3 | rm_accuracy 0.75 | 30s | eta 0s"
+
+
+def test_worker_output_goes_to_the_file_and_errors_to_the_console(tmp_path, capsys):
+    from rlhf_ray import console
+
+    path = tmp_path / "run" / console.WORKER_LOG
+    console.set_worker_output(path, verbose=False)
+    try:
+        assert console.routed_worker_output()
+        path.parent.mkdir(parents=True)
+        with open(path, "a") as f:
+            console._write(f, False, {"pid": 7, "actor_name": "RolloutActor", "is_err": True,
+                                      "lines": ["INFO vLLM engine started", "ERROR engine died"]})
+        text = path.read_text()
+        assert "(RolloutActor pid=7) INFO vLLM engine started" in text and "ERROR engine died" in text
+        err = capsys.readouterr().err
+        assert "engine died" in err and "engine started" not in err
+    finally:
+        console.set_worker_output(None)
+    assert not console.routed_worker_output()
+
+
+def test_partial_reload_warning_is_dropped_at_its_logger(caplog):
+    from rlhf_ray.console import quiet_partial_reload
+
+    quiet_partial_reload()
+    quiet_partial_reload()  # idempotent
+    reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    assert len(reload_log.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        reload_log.warning("%s: Failed to load weights", "QKVParallelLinear")
+        reload_log.warning("something else")
+    assert "Failed to load weights" not in caplog.text and "something else" in caplog.text

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController, masked_mean
+from rlhf_ray.checkpoint import latest_complete
 from rlhf_ray.config import RunConfig
 from rlhf_ray.driver.recovery import apply_scaling, broadcast_replacing_dead, failure_metrics, log_failures
 from rlhf_ray.experience import make_experience
@@ -176,4 +177,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
                 break
     finally:
         c.close()
+    final = latest_complete(c.checkpoints.root, verify="size")
+    if final is not None:
+        print(f"model: {final / 'policy'} (optimizer and run state beside it in {final})", flush=True)
     return metrics
