@@ -122,7 +122,7 @@ def sizing_lines(plan: Plan, spec: ClusterSpec, shape: ModelShape, assume: Assum
                 f"{cfg.model.max_model_len}) -> {'fits' if fits else 'DOES NOT FIT'}")
         else:
             parts = (learner_bytes(shape, cfg, cfg.learner.num_ranks, assume) if r.kind == "learner"
-                     else inference_bytes(shape, cfg, assume))
+                     else inference_bytes(shape, cfg, assume, lm_head=r.kind == "reference"))
             label = {"learner": f"learner rank ({cfg.learner.num_ranks} in ZeRO)", "reference": "reference",
                      "reward": "reward model (policy's shape)"}[r.kind]
             line, fits = _device_line(label, pool_of[r.name], pool.gpu_memory_gib * min(gpus, 1.0), parts)

@@ -116,13 +116,12 @@ def learner_bytes(shape: ModelShape, cfg: RunConfig, ranks: int, assume: Assumpt
     }
 
 
-def inference_bytes(shape: ModelShape, cfg: RunConfig, assume: Assumptions) -> dict[str, float]:
-    """Bytes on the reference's (or a reward model's) GPU: weights, one micro-batch's logits, overhead."""
-    return {
-        "weights": DTYPE_BYTES[cfg.model.dtype] * shape.parameters,
-        "logits": 8 * cfg.learner.micro_batch_size * cfg.model.max_model_len * shape.vocab_size,
-        "overhead": assume.overhead_gib * GIB,
-    }
+def inference_bytes(shape: ModelShape, cfg: RunConfig, assume: Assumptions, lm_head: bool = True) -> dict[str, float]:
+    """Bytes on the reference's GPU: weights, one micro-batch's logits, overhead. A reward model (`lm_head`
+    False) has a one-score head in place of the vocabulary logits."""
+    logits = 8 * cfg.learner.micro_batch_size * cfg.model.max_model_len * shape.vocab_size if lm_head else 0.0
+    return {"weights": DTYPE_BYTES[cfg.model.dtype] * shape.parameters, "logits": logits,
+            "overhead": assume.overhead_gib * GIB}
 
 
 @dataclass(frozen=True)
