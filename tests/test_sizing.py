@@ -1,5 +1,7 @@
 """`rlhf-ray plan --cluster`: parameter counts, memory per GPU against hand arithmetic, fits / does not fit."""
 
+import re
+
 import pytest
 
 from rlhf_ray.cli import main
@@ -107,3 +109,15 @@ def test_bad_specs_name_the_field(tmp_path, text, message):
 def test_missing_model_config_names_the_flag(capsys):
     assert main(["plan", RECIPE, "--cluster", "cluster/pools.yaml"]) == 2
     assert "pass --model-config" in capsys.readouterr().err
+
+
+def test_async_recipe_overlaps_generation(capsys):
+    assert plan_exit_code("--cluster", "cluster/pools.yaml", "--model-config", QWEN_1_5B) == 0
+    sync_total = int(re.search(r"step time estimate: (\d+) s", capsys.readouterr().out).group(1))
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "configs/qwen2.5-1.5b-grpo-async.yaml", "--cluster", "cluster/pools.yaml",
+              "--model-config", QWEN_1_5B])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    async_total = int(re.search(r"step time estimate: (\d+) s per RL step = max\(generate, the rest\)", out).group(1))
+    assert async_total == 23 and sync_total == 27  # 8.4 + 2.8 + 11.2 + 0.3 = 22.7 vs + generate 4.2

@@ -133,11 +133,16 @@ def sizing_lines(plan: Plan, spec: ClusterSpec, shape: ModelShape, assume: Assum
     if rollout_pool.gpu_tflops and learner_pool.gpu_tflops:
         t = step_seconds(shape, cfg, rollout_pool.gpu_tflops, learner_pool.gpu_tflops, assume)
         a = assume
-        lines += ["", f"step time estimate: {sum(t.values()):.0f} s per RL step = "
+        rest = sum(v for k, v in t.items() if k != "generate")
+        if cfg.train.async_mode:  # the next batch is generated while this one is scored and trained on
+            total, how = max(t["generate"], rest), "max(generate, the rest) in async mode: "
+        else:
+            total, how = t["generate"] + rest, ""
+        lines += ["", f"step time estimate: {total:.0f} s per RL step = {how}"
                   + " + ".join(f"{k} {v:.1f}" for k, v in t.items()),
                   f"  assuming train MFU {a.train_mfu:g}, generation MFU {a.generate_mfu:g}, prompts of "
                   f"{a.prompt_tokens} tokens, responses {a.response_fill:g} × max_new_tokens, weight sync at "
-                  f"{a.sync_gb_per_s:g} GB/s; stages run one after another (async mode hides most of generate)"]
+                  f"{a.sync_gb_per_s:g} GB/s; stages run one after another"]
     return lines, ok
 
 
