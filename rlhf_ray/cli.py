@@ -37,7 +37,7 @@ def cmd_config(args: argparse.Namespace) -> None:
 def cmd_make_tiny(args: argparse.Namespace) -> None:
     from rlhf_ray.recipes.tiny import make_tiny
 
-    paths = make_tiny(args.out, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed)
+    paths = make_tiny(args.out, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed, arch=args.arch)
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 
 
@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2", help="model architecture (default: qwen2)")
     p.set_defaults(fn=cmd_make_tiny)
     return parser
 

@@ -98,3 +98,14 @@ def test_partial_reload_warning_is_dropped_at_its_logger(caplog):
         reload_log.warning("%s: Failed to load weights", "QKVParallelLinear")
         reload_log.warning("something else")
     assert "Failed to load weights" not in caplog.text and "something else" in caplog.text
+
+
+def test_make_tiny_arch_flag(tmp_path, capsys):
+    import json as json_
+
+    from rlhf_ray.cli import main
+
+    assert main(["make-tiny", str(tmp_path), "--arch", "llama", "--hidden-size", "64", "--num-layers", "1"]) == 0
+    paths = json_.loads(capsys.readouterr().out)
+    config = json_.loads((tmp_path / "policy" / "config.json").read_text())
+    assert paths["policy"] == str(tmp_path / "policy") and config["model_type"] == "llama"
