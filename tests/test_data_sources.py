@@ -76,3 +76,12 @@ def test_hub_name_offline_names_subset_and_split(tok, monkeypatch):
     with pytest.raises(DataError, match=r"^no-such-org/no-such-gsm8k: not a local file and could not be loaded as a "
                                         r"hub dataset \(subset 'main', split 'test'\).*\(fix: check the name, "):
         load_dataset(cfg, "prompt", tok)
+
+
+def test_parquet_with_both_columns_reads_null_messages_as_absent(tmp_path, tok):
+    # A Parquet file (or a datasets table) has one schema: rows without chat turns get messages = null.
+    path = tmp_path / "mixed.parquet"
+    table = pa.Table.from_pylist([CHAT_ROW | {"prompt": None}, {"prompt": "Hi", "messages": None, "answer": "2"}])
+    pq.write_table(table, path)
+    ds = load_dataset(DatasetConfig(path=str(path)), "prompt", tok)
+    assert ds.prompts == [SYSTEM_HI, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"]

@@ -110,7 +110,7 @@ def check_answer(row: dict[str, Any], cfg: DatasetConfig, required: bool) -> Non
 
 def check_prompt(row: dict[str, Any], cfg: DatasetConfig) -> None:
     """A row's prompt is its messages (ending with a user turn) or, without messages, its text."""
-    if cfg.messages_field in row:
+    if row.get(cfg.messages_field) is not None:
         check_messages(row[cfg.messages_field], cfg.messages_field, last_role="user")
     else:
         check_text(row, cfg.prompt_field, f"give every row a '{cfg.prompt_field}' string or a "
@@ -126,7 +126,7 @@ def check_solved(row: dict[str, Any], cfg: DatasetConfig) -> None:
 
 def split_sft(row: dict[str, Any], cfg: DatasetConfig) -> tuple[dict[str, Any], str]:
     """(prompt part, response text) of an SFT row."""
-    if cfg.messages_field in row:
+    if row.get(cfg.messages_field) is not None:
         messages = check_messages(row[cfg.messages_field], cfg.messages_field, last_role="assistant")
         if len(messages) < 2:
             raise RowError(cfg.messages_field, "only an assistant turn, no prompt",
@@ -223,7 +223,7 @@ def load_dataset(
             text = format_prompt(source, cfg, tokenizer, pool, example_rng(seed, question))
             ids = encode_prompt(text, tokenizer)
             if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-                raise RowError(cfg.messages_field if cfg.messages_field in row else cfg.prompt_field,
+                raise RowError(cfg.messages_field if row.get(cfg.messages_field) is not None else cfg.prompt_field,
                                f"the formatted prompt has {len(ids)} tokens, over the limit of {max_prompt_tokens}",
                                "shorten the prompt, or raise model.max_model_len / lower max_new_tokens",
                                "prompt_too_long")
