@@ -109,3 +109,9 @@ def test_make_tiny_arch_flag(tmp_path, capsys):
     paths = json_.loads(capsys.readouterr().out)
     config = json_.loads((tmp_path / "policy" / "config.json").read_text())
     assert paths["policy"] == str(tmp_path / "policy") and config["model_type"] == "llama"
+
+
+def test_demo_config_is_found():
+    from rlhf_ray.recipes.demo import DEMO_CONFIG
+
+    assert DEMO_CONFIG.is_file() and DEMO_CONFIG.name == "demo.yaml"
