@@ -1,14 +1,16 @@
 """Learner checkpoints in safetensors + JSON only (no pickle, so loading one runs no code).
 
-    path/                         a Hugging Face model folder: config.json, model*.safetensors,
-                                  tokenizer files copied from the folder training started from
-    path/learner/state.json       counters: optimizer steps (the lr schedule is a function of them),
+    path/                         a Hugging Face model folder, nothing else: config.json,
+                                  model*.safetensors, tokenizer files copied from the folder training
+                                  started from (what a user uploads to a hub)
+    state = path/../learner_state/<name of path>/   the training state, beside the model folder:
+    state/state.json              counters: optimizer steps (the lr schedule is a function of them),
                                   skipped steps, Adam's step, role, layout, caller's extra fields
-    path/learner/optimizer.json   index: tensor name -> shard file
-    path/learner/optimizer-00001.safetensors ...
+    state/optimizer.json          index: tensor name -> shard file
+    state/optimizer-00001.safetensors ...
                                   full, unpartitioned tensors named "<state>/<HF parameter name>":
                                   exp_avg, exp_avg_sq, and master (fp32 weights, bf16 runs only)
-    path/learner/rng-rank<r>.safetensors + .json   torch / python / numpy RNG state of each rank
+    state/rng-rank<r>.safetensors + .json   torch / python / numpy RNG state of each rank
 
 Optimizer state is stored per parameter with HF names, not as DeepSpeed's flat per-rank
 partitions, so a checkpoint is independent of the number of ranks and the ZeRO stage.
@@ -84,12 +86,17 @@ def _adam_step(adam: VetoableAdamW) -> float:
     return float(next(iter(adam.state.values()))["step"])
 
 
+def state_dir_of(path: str | Path) -> Path:
+    """The training-state folder of the model folder `path`: `<parent>/learner_state/<name>`."""
+    return Path(path).parent / "learner_state" / Path(path).name
+
+
 def save(
     path: str, engine: Any, adam: VetoableAdamW, loop: StepLoop, rank: int, role: str, source_dir: str,
     extra: dict[str, Any],
 ) -> None:
     """Write the checkpoint described in the module docstring (collective)."""
-    root, state_dir = Path(path), Path(path) / "learner"
+    root, state_dir = Path(path), state_dir_of(path)
     state_dir.mkdir(parents=True, exist_ok=True)
     model, bf16 = unwrap(engine.module), engine.bfloat16_enabled()
 
@@ -176,7 +183,7 @@ class _TensorDir:
 
 def load(path: str, engine: Any, adam: VetoableAdamW, loop: StepLoop, rank: int, role: str) -> dict[str, Any]:
     """Restore weights, fp32 masters, optimizer moments, counters and RNG; returns state.json (collective)."""
-    root, state_dir = Path(path), Path(path) / "learner"
+    root, state_dir = Path(path), state_dir_of(path)
     state = json.loads((state_dir / "state.json").read_text())
     if state.get("format") != FORMAT:
         raise ValueError(f"{state_dir / 'state.json'} has format {state.get('format')!r}, expected {FORMAT!r}")

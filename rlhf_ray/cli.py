@@ -18,6 +18,13 @@ def _config(args: argparse.Namespace) -> RunConfig:
     return load_config(config, overrides)
 
 
+def _route_worker_output(args: argparse.Namespace, run_dir: Path) -> None:
+    """vLLM, DeepSpeed and Ray worker logs to run_dir/workers.log (and the console with --verbose)."""
+    from rlhf_ray.console import WORKER_LOG, set_worker_output
+
+    set_worker_output(run_dir / WORKER_LOG, verbose=args.verbose)
+
+
 def cmd_config(args: argparse.Namespace) -> None:
     """Print the resolved config (secrets redacted)."""
     import yaml
@@ -43,7 +50,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = _config(args)
     if args.resume and not cfg.train.run_name:
         raise ConfigError("--resume needs train.run_name: the run folder to continue (runs/<run_name>)")
-    train_supervised(cfg, run_dir_for(cfg), resume=args.resume)
+    run_dir = run_dir_for(cfg)
+    _route_worker_output(args, run_dir)
+    train_supervised(cfg, run_dir, resume=args.resume)
 
 
 def cmd_scale(args: argparse.Namespace) -> None:
@@ -61,12 +70,13 @@ def _stage(kind: str, args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     run_dir = run_dir_for(cfg)
+    _route_worker_output(args, run_dir)
     try:
         metrics = stage_main(cfg, kind, run_dir)
     except DataError as err:  # a bad dataset is the user's input, like a bad config: a message, no traceback
         raise ConfigError(str(err)) from None
     print(json.dumps(metrics, indent=2))
-    print(f"checkpoint: {run_dir / 'checkpoint'}")
+    print(f"model: {run_dir / 'checkpoint'}")  # again, after the metrics, as the last line
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
@@ -84,22 +94,30 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from rlhf_ray.driver.components import run_dir_for
 
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+    run_dir = run_dir_for(cfg)
+    _route_worker_output(args, run_dir)
     if args.task == "arithmetic":
         from rlhf_ray.recipes.arithmetic import run_arithmetic
 
-        results = run_arithmetic(cfg, run_dir_for(cfg))
+        results = run_arithmetic(cfg, run_dir)
     else:
-        results = run_demo(cfg, run_dir_for(cfg), SIZES)
+        results = run_demo(cfg, run_dir, SIZES)
     print(json.dumps({k: v for k, v in results.items() if k != "examples"}, indent=2))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from rlhf_ray.driver.evaluate import eval_main
 
-    eval_main(_config(args), args.model, args.out)
+    cfg = _config(args)
+    _route_worker_output(args, Path(args.out).parent if args.out else Path(cfg.train.output_dir) / (cfg.train.run_name or "eval"))
+    eval_main(cfg, args.model, args.out, args.templates)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
+    if args.cluster:  # a cluster described in a file: no Ray needed
+        from rlhf_ray.driver.cluster_plan import cluster_plan_main
+
+        sys.exit(cluster_plan_main(_config(args), args.cluster, args.model_config))
     from rlhf_ray.driver.plan import plan_main
 
     sys.exit(plan_main(_config(args), args.address))
@@ -133,7 +151,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "rm": (cmd_rm, "reward model on the pairs of data.preferences; writes an HF checkpoint and metrics"),
     "train": (cmd_train, "RL training (PPO, GRPO, RLOO, REINFORCE++) with rollout actors and learners"),
     "demo": (cmd_demo, "InstructGPT in miniature on a CPU: pretrain, SFT, reward model, PPO"),
-    "eval": (cmd_eval, "score a checkpoint on data.eval under zero-shot, few-shot and CoT templates"),
+    "eval": (cmd_eval, "score a checkpoint on data.eval under its chat template and zero-shot, few-shot, CoT"),
     "plan": (cmd_plan, "print where every actor goes, the transport, KL placement and batch arithmetic"),
     "submit": (cmd_submit, "submit `train` to a Ray cluster with `ray job submit`"),
 }
@@ -146,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         _add_config_args(p, optional=True)
         p.set_defaults(fn=fn)
+        if name in ("train", "sft", "rm", "demo", "eval"):
+            p.add_argument("-v", "--verbose", action="store_true",
+                           help="show vLLM, DeepSpeed and Ray worker logs here too (always in <run folder>/workers.log)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
         if name == "demo":
@@ -153,9 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
                            help="instruct: pretrain, SFT, RM, PPO (default); arithmetic: SFT then GRPO on exact answers")
         if name == "eval":
             p.add_argument("--model", default="", help="model folder (default: model.policy_path)")
-            p.add_argument("--out", default=None, help="write the results JSON here")
+            p.add_argument("--out", default=None, help="the results JSON (default: runs/<run_name or eval>/eval.json); "
+                           "samples go to eval_samples.jsonl beside it")
+            p.add_argument("--templates", default="", help="comma-separated, of chat, zero_shot, few_shot, cot "
+                           "(default: all four on a chat model, the last three otherwise)")
         if name in ("plan", "submit"):
             p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local head)")
+        if name == "plan":
+            p.add_argument("--cluster", default="", help="YAML of node pools (see cluster/pools.yaml): plan and size "
+                           "for that cluster without connecting to one")
+            p.add_argument("--model-config", default="", help="the model's config.json for --cluster (default: "
+                           "model.policy_path/config.json; shapes of common models in configs/models/)")
         if name == "submit":
             p.add_argument("--extra-pip", action="append", default=[], help="extra pip package (repeatable)")
             p.add_argument("--installer", choices=["pip", "uv"], default="pip")

@@ -239,14 +239,15 @@ class RewardConfig(Section):
 
 
 class DatasetConfig(Section):
-    path: str = Field("", description="JSONL or Parquet file.")
+    path: str = Field("", description="A .jsonl or .parquet file, a `datasets` save_to_disk folder, or a hub dataset name.")
     prompt_field: str = "prompt"
     template: Literal["chat", "plain", "zero_shot", "few_shot", "cot"] = "chat"
     few_shot_k: int = Field(3, ge=0)
     few_shot_path: str = Field("", description="Pool of solved examples for few-shot templates.")
     on_error: Literal["error", "skip"] = "error"
     max_skip_fraction: float = Field(0.1, ge=0, le=1)
-    split: str = Field("train", description="Split to read when `path` names a `datasets` hub dataset.")
+    split: str = Field("train", description="Split to read from a hub dataset or a `save_to_disk` DatasetDict folder.")
+    subset: str = Field("", description="Hub dataset configuration, e.g. 'main' for openai/gsm8k; empty: the default.")
     messages_field: str = Field("messages", description="Chat turns [{role, content}]; used instead of prompt_field.")
     response_field: str = Field("response", description="SFT target text.")
     chosen_field: str = "chosen"
@@ -272,6 +273,13 @@ class TrainConfig(Section):
     max_staleness: int = Field(
         1, ge=0, description="Policy versions a sample may lag in async mode; the driver generates exactly one step "
         "ahead, so async mode needs 1."
+    )
+    flat_reward_warn_steps: int = Field(
+        5, ge=1, description="Warn after this many steps in a row where no prompt's samples got different rewards "
+        "(every advantage 0: nothing is learned)."
+    )
+    flat_reward_stop_steps: int = Field(
+        0, ge=0, description="Stop the run (saving a checkpoint) after this many such steps in a row; 0 never stops."
     )
     max_learner_restarts: int = Field(
         2, ge=0, description="Times `rlhf-ray train` resumes from the last complete checkpoint after a learner rank dies."

@@ -145,7 +145,7 @@ def format_prompt(
     `cfg.prompt_field` (text). Raises `RowError` for a row that cannot be formatted and
     `TemplateError` for a template the tokenizer cannot serve.
     """
-    if cfg.messages_field in row:
+    if row.get(cfg.messages_field) is not None:
         messages = check_messages(row[cfg.messages_field], cfg.messages_field, last_role="user")
         if cfg.template != "chat":
             raise RowError(cfg.messages_field, f"chat messages cannot be written with template {cfg.template!r}",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import ray
 
 from rlhf_ray.config import ClusterConfig
+from rlhf_ray.console import apply_worker_output, routed_worker_output
 
 
 class ActorCallError(RuntimeError):
@@ -36,17 +38,20 @@ def init_ray(cluster: ClusterConfig | None = None) -> None:
         return
     env_vars = {k: os.environ[k] for k in cluster.env_passthrough if k in os.environ}
     runtime_env = {"env_vars": env_vars} if env_vars else None
+    quiet = {"logging_level": logging.WARNING} if routed_worker_output() else {}  # Ray's own start-up lines
     if cluster.address:
-        ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=True)
-        return
-    ray.init(
-        num_cpus=cluster.num_cpus,
-        include_dashboard=cluster.dashboard,
-        dashboard_host=cluster.host,
-        _node_ip_address=cluster.host,
-        runtime_env=runtime_env,
-        log_to_driver=True,
-    )
+        ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=True, **quiet)
+    else:
+        ray.init(
+            num_cpus=cluster.num_cpus,
+            include_dashboard=cluster.dashboard,
+            dashboard_host=cluster.host,
+            _node_ip_address=cluster.host,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+            **quiet,
+        )
+    apply_worker_output()
 
 
 def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, timeout_s: float) -> list[Any]:

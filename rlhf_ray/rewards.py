@@ -144,3 +144,93 @@ class RewardNormalizer:
 def brevity(prompt: str, response: str, row: dict) -> float:
     """A length penalty: minus the response's length in hundreds of characters."""
     return -len(response) / 100.0
+
+
+# ---------------------------------------------------------------- answer extraction (GSM8K, \boxed{}, last number)
+
+_NUMBER_RE = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+_GSM8K_RE = re.compile(r"####\s*(-?\$?\d[\d,]*(?:\.\d+)?)")
+
+
+def normalize_number(text: str) -> str:
+    """A number as a canonical string: '$1,234.50' -> '1234.5', '72.0' -> '72', '-3' -> '-3'.
+
+    Text that is not a number comes back stripped, unchanged otherwise.
+    """
+    cleaned = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        value = float(cleaned)
+    except ValueError:
+        return text.strip()
+    if not math.isfinite(value):
+        return text.strip()
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def _ground_truth(row: dict, fn_name: str) -> str:
+    """The row's `answer` as a canonical number; a GSM8K solution ("... #### 72") gives the number after ####."""
+    if "answer" not in row or row["answer"] is None or str(row["answer"]).strip() == "":
+        raise RewardFunctionError(
+            f"{fn_name} needs the ground truth in field 'answer' of the dataset row (got row keys "
+            f"{sorted(row)}); fix: add it (GSM8K's 'answer' holds the solution ending in '#### N'), or set "
+            "data.prompts.require_answer=true to refuse such rows when the data is loaded"
+        )
+    answer = str(row["answer"])
+    m = _GSM8K_RE.search(answer)
+    return normalize_number(m.group(1) if m else answer)
+
+
+def extract_gsm8k(text: str) -> str | None:
+    """The number after the last '####' in `text` (GSM8K's final-answer marker), or None."""
+    found = _GSM8K_RE.findall(text)
+    return normalize_number(found[-1]) if found else None
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` in `text` (nested braces allowed), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed{") - 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return normalize_number(text[i + 1 : j])
+    return None  # unclosed: the response was cut off
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number in `text` (commas, a '$' and decimals allowed), or None."""
+    found = _NUMBER_RE.findall(text)
+    return normalize_number(found[-1]) if found else None
+
+
+def gsm8k_answer(prompt: str, response: str, row: dict) -> float:
+    """1.0 if the number after the response's last '####' equals the ground truth, else 0.0.
+
+    The ground truth is row['answer']: a number, or a GSM8K solution ending in '#### N'.
+    """
+    truth = _ground_truth(row, "gsm8k_answer")  # checked first: a missing truth is an error, not a 0
+    got = extract_gsm8k(response)
+    return 1.0 if got == truth else 0.0
+
+
+def boxed_answer(prompt: str, response: str, row: dict) -> float:
+    """1.0 if the response's last \\boxed{...} equals the ground truth (see `gsm8k_answer`), else 0.0."""
+    truth = _ground_truth(row, "boxed_answer")  # checked first: a missing truth is an error, not a 0
+    got = extract_boxed(response)
+    return 1.0 if got == truth else 0.0
+
+
+def last_number_answer(prompt: str, response: str, row: dict) -> float:
+    """1.0 if the last number in the response equals the ground truth (see `gsm8k_answer`), else 0.0."""
+    truth = _ground_truth(row, "last_number_answer")  # checked first: a missing truth is an error, not a 0
+    got = extract_last_number(response)
+    return 1.0 if got == truth else 0.0
+
+
+def math_answer(prompt: str, response: str, row: dict) -> float:
+    """The answer marked by '####', else by the last \\boxed{}, else the last number; 1.0 if it equals the truth."""
+    truth = _ground_truth(row, "math_answer")  # checked first: a missing truth is an error, not a 0
+    got = extract_gsm8k(response) or extract_boxed(response) or extract_last_number(response)
+    return 1.0 if got == truth else 0.0

@@ -23,6 +23,9 @@ import wandb
 from rlhf_ray.config import REDACTED, SECRET_KEY_PATTERN, TrackingConfig, environment_secrets, redact
 
 
+log = logging.getLogger(__name__)
+
+
 class StageTimer:
     """Wall-clock seconds per named stage (summed when a stage repeats); `metrics()` names them `timing/<stage>_s`.
 
@@ -64,6 +67,7 @@ METRICS: dict[str, str] = {
     # reward: scores of the step's samples, before the KL penalty
     "reward/mean": "Mean combined reward per sequence (reward units).",
     "reward/std": "Standard deviation of the combined reward per sequence (reward units).",
+    "reward/flat_steps": "RL steps in a row (up to this one) where no prompt's samples got different rewards (count).",
     "reward/model_mean": "Mean reward-model score (reward-model units).",
     "reward/<function>_mean": "Mean score of each rule-based reward function, named by the function (its units).",
     "reward/masked_rows": "Samples whose reward failed after retries and were masked out (count).",
@@ -176,11 +180,80 @@ def metrics_markdown() -> str:
     return "\n".join(["| metric | meaning (unit) |", "|---|---|", *rows])
 
 
-def console_line(step: int, total_steps: int, metrics: Mapping[str, float]) -> str:
-    """One line per step, e.g. `step 3/10 | reward 0.41 | kl 0.02 | ...`; step is 0-based, shown 1-based."""
+def format_duration(seconds: float) -> str:
+    """A duration for people: '42s', '3m05s', '2h07m'."""
+    s = int(round(max(seconds, 0.0)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def console_line(step: int, total_steps: int, metrics: Mapping[str, float], eta_s: float | None = None) -> str:
+    """One line per step, e.g. `step 3/10 | reward 0.41 | kl 0.02 | ... | eta 1m05s`; step is 0-based, shown
+    1-based. eta_s: seconds left for the run, shown when given."""
     parts = [f"step {step + 1}/{total_steps}"]
     parts += [f"{label} {float(metrics[key]):{fmt}}" for key, label, fmt in CONSOLE_FIELDS if key in metrics]
+    if eta_s is not None:
+        parts.append(f"eta {format_duration(eta_s)}")
     return " | ".join(parts)
+
+
+def flat_reward(scores: Sequence[float], valid: Sequence[bool], n: int) -> bool:
+    """True when no group of `n` consecutive samples (one prompt's) holds two different valid rewards, so every
+    group-relative advantage is 0; with n == 1 the whole batch is one group. scores, valid: [B*n]."""
+    size = n if n > 1 else len(scores)
+    for start in range(0, len(scores), size):
+        kept = {s for s, v in zip(scores[start:start + size], valid[start:start + size]) if v}
+        if len(kept) > 1:
+            return False
+    return True
+
+
+class EpochProgress:
+    """One console line per finished epoch of a supervised stage, e.g. `sft epoch 2/5 | loss 1.234 | 12s | eta 36s`,
+    showing the step's metrics whose names end in loss or accuracy."""
+
+    def __init__(self, name: str, epochs: int, steps_per_epoch: int) -> None:
+        self.name, self.epochs, self.per_epoch = name, epochs, max(steps_per_epoch, 1)
+        self.start = time.perf_counter()
+
+    def line(self, step: int, metrics: Mapping[str, float], elapsed_s: float) -> str | None:
+        """The line after 0-based optimizer step `step`, or None when it does not end an epoch."""
+        if (step + 1) % self.per_epoch:
+            return None
+        epoch = (step + 1) // self.per_epoch
+        shown = [f"{k.split('/')[-1]} {float(v):.4g}" for k, v in metrics.items()
+                 if k.split("/")[-1].endswith(("loss", "accuracy"))]
+        eta = elapsed_s / epoch * (self.epochs - epoch)
+        return " | ".join([f"{self.name} epoch {epoch}/{self.epochs}", *shown, format_duration(elapsed_s),
+                           f"eta {format_duration(eta)}"])
+
+    def step(self, step: int, metrics: Mapping[str, float]) -> None:
+        text = self.line(step, metrics, time.perf_counter() - self.start)
+        if text:
+            print(text, flush=True)
+
+
+class FlatRewardWatch:
+    """Counts RL steps in a row whose rewards were flat (`flat_reward`); warns once at `warn_after` and asks the
+    loop to stop at `stop_after` (0 never)."""
+
+    def __init__(self, warn_after: int, stop_after: int = 0) -> None:
+        self.warn_after, self.stop_after, self.run = warn_after, stop_after, 0
+
+    def update(self, step: int, flat: bool) -> bool:
+        """Record one step; returns True when the run should stop."""
+        self.run = self.run + 1 if flat else 0
+        if self.run == self.warn_after:
+            log.warning(
+                "step %d: rewards have had zero variance within every prompt's samples for %d steps in a row, so "
+                "every advantage is 0 and the policy is not learning; check that the reward function can score "
+                "the responses (template, answer format, the ground-truth field) (train.flat_reward_stop_steps "
+                "stops such a run)", step, self.run,
+            )
+        return bool(self.stop_after) and self.run >= self.stop_after
 
 
 class SecretFilter(logging.Filter):

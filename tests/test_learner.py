@@ -204,10 +204,13 @@ def test_mismatched_shapes_are_clear_errors(zero2, batch):
 
 def test_save_load_round_trip_without_pickle(zero2, zero3, batch, tmp_path):
     zero2.save(str(tmp_path / "ckpt"))
-    files = {p.name for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
+    files = {p.name for p in tmp_path.rglob("*") if p.is_file()}
     assert all(f.endswith((".json", ".safetensors", ".txt", ".jinja")) for f in files), files
+    model_folder = {p.name for p in (tmp_path / "ckpt").iterdir()}  # only the model and tokenizer: hub-ready
+    assert "config.json" in model_folder and "tokenizer.json" in model_folder
+    assert not {f for f in model_folder if "optimizer" in f or "rng" in f or "state" in f or (tmp_path / "ckpt" / f).is_dir()}
     saved = weights(zero2)
-    optimizer = load_file(tmp_path / "ckpt/learner/optimizer-00001.safetensors")
+    optimizer = load_file(tmp_path / "learner_state/ckpt/optimizer-00001.safetensors")
     assert {k.split("/")[0] for k in optimizer} == {"exp_avg", "exp_avg_sq"} and len(optimizer) == 2 * len(saved)
     assert any(float(t.abs().sum()) > 0 for t in optimizer.values())
 
@@ -216,9 +219,9 @@ def test_save_load_round_trip_without_pickle(zero2, zero3, batch, tmp_path):
     zero2.load(str(tmp_path / "ckpt"))
     assert max_diff(weights(zero2), saved) == 0.0
     zero2.save(str(tmp_path / "again"))
-    assert max_diff(load_file(tmp_path / "again/learner/optimizer-00001.safetensors"), optimizer) == 0.0
-    state = json.loads((tmp_path / "ckpt/learner/state.json").read_text())
-    assert state == json.loads((tmp_path / "again/learner/state.json").read_text())
+    assert max_diff(load_file(tmp_path / "learner_state/again/optimizer-00001.safetensors"), optimizer) == 0.0
+    state = json.loads((tmp_path / "learner_state/ckpt/state.json").read_text())
+    assert state == json.loads((tmp_path / "learner_state/again/state.json").read_text())
 
     # The format does not depend on the layout: ZeRO-3 resumes a ZeRO-2 checkpoint, and both then train alike.
     zero3.load(str(tmp_path / "ckpt"))

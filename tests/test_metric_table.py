@@ -15,7 +15,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from rlhf_ray.config import load_config
-from rlhf_ray.driver.evaluate import score_texts
+from rlhf_ray.driver.evaluate import eval_metrics, score_texts
 from rlhf_ray.driver.loop import train
 from rlhf_ray.driver.stages import run_pretrain, run_rm, run_sft
 from rlhf_ray.recipes.synthetic import instruction_rows, make_answer, prompt_rows, write_jsonl
@@ -74,8 +74,9 @@ def _stages(tiny_model_dir: Path, tmp: Path) -> set[str]:
     pairs = [dict(r, chosen=r["response"], rejected=make_answer("river", ["cold"] * 3)) for r in sft_rows]
     run_rm(cfg, pairs[:4], pairs[4:], tokenizer, policy, tmp / "rm", logger, eval_groups={"edited": pairs[4:]})
     prompt_ids = [tokenizer(r["prompt"])["input_ids"] for r in sft_rows[:2]]
-    logged |= score_texts(cfg, prompt_ids, [r["prompt"] for r in sft_rows[:2]], [r["response"] for r in sft_rows[:2]],
-                          sft_rows[:2], tokenizer).keys()
+    scores = score_texts(cfg, prompt_ids, [r["prompt"] for r in sft_rows[:2]], [r["response"] for r in sft_rows[:2]],
+                         sft_rows[:2], tokenizer)
+    logged |= eval_metrics(scores, [len(tokenizer(r["response"])["input_ids"]) for r in sft_rows[:2]]).keys()
     return logged
 
 

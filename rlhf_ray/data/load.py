@@ -1,7 +1,7 @@
 """Load and validate a dataset file: every row checked once, at load time, before any training.
 
-Sources: a local `.jsonl` file, a local `.parquet` file (needs pyarrow), or any other string as a
-`datasets` hub name (needs `datasets` and network or a local HF cache). Three kinds of dataset:
+Sources (`sources.read_records`): a `.jsonl` or `.parquet` file, a `datasets` `save_to_disk` folder,
+or a hub dataset name with its subset and split. Three kinds of dataset:
 
     prompt      RL and eval prompts: `prompt` text or `messages` ending with a user turn; every
                 other field (e.g. `answer`) is kept, since reward functions receive the whole row
@@ -15,14 +15,13 @@ too many are skipped, or with fewer rows than one batch, is always an error.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rlhf_ray.config import DatasetConfig
+from rlhf_ray.data.sources import DataError, read_records
 from rlhf_ray.prompts import (
     RowError,
     TemplateError,
@@ -39,11 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Kind = Literal["prompt", "sft", "preference"]
-Record = tuple[str, dict[str, Any] | RowError]  # (where, row or why it is not one)
-
-
-class DataError(ValueError):
-    """A dataset that cannot be trained on; the message names the file, row, field and the fix."""
 
 
 @dataclass
@@ -64,92 +58,6 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.rows)
-
-
-# ---------------------------------------------------------------- reading
-
-
-def read_records(path: str, split: str = "train") -> Iterator[Record]:
-    """Every record of a source as (where, row) or (where, RowError); blank JSONL lines are not records."""
-    if not path:
-        raise DataError("dataset path is empty (fix: set `path` of this dataset to a .jsonl/.parquet file)")
-    p = Path(path).expanduser()
-    if p.is_file():
-        if p.suffix == ".jsonl":
-            return _read_jsonl(p)
-        if p.suffix == ".parquet":
-            return _read_parquet(p)
-        raise DataError(f"{path}: unsupported file type {p.suffix!r} (fix: convert it to .jsonl or .parquet)")
-    if p.suffix in (".jsonl", ".parquet", ".json") or path.startswith((".", "/", "~")) or p.exists():
-        raise DataError(f"{path}: no such file (fix: check the path; it is read relative to {Path.cwd()})")
-    return _read_hub(path, split)
-
-
-def _read_jsonl(path: Path) -> Iterator[Record]:
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if not raw.strip():
-                continue
-            if b"\x00" in raw:
-                yield where, RowError("", "NUL byte in the line",
-                                      "remove it; a file full of NUL bytes is likely UTF-16: re-encode it as UTF-8",
-                                      "nul_byte")
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield where, RowError("", f"invalid UTF-8 at byte offset {err.start}", "re-encode the file as UTF-8",
-                                      "invalid_utf8")
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as err:
-                yield where, RowError("", f"invalid JSON: {err.msg} at column {err.colno}",
-                                      "write one JSON object per line", "invalid_json")
-                continue
-            if not isinstance(row, dict):
-                yield where, RowError("", f"expected a JSON object, got {type(row).__name__}",
-                                      "write one JSON object per line", "wrong_type")
-                continue
-            yield where, row
-
-
-def _read_parquet(path: Path) -> Iterator[Record]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(
-            f"{path}: reading Parquet needs pyarrow, which is not installed "
-            "(fix: `pip install pyarrow`, or convert the file to .jsonl)"
-        ) from None
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{path}: not a readable Parquet file: {err} (fix: rewrite it, or convert it to .jsonl)") from None
-    for i, row in enumerate(table.to_pylist()):
-        yield f"{path}:row {i}", row
-
-
-def _read_hub(name: str, split: str) -> Iterator[Record]:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(
-            f"{name}: not a local file, and reading it as a hub dataset needs `datasets`, which is not "
-            "installed (fix: `pip install datasets`, or point `path` to a local .jsonl/.parquet file)"
-        ) from None
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as err:  # offline, unknown name, unknown split: datasets raises many types
-        raise DataError(
-            f"{name}: not a local file and could not be loaded as a hub dataset (split {split!r}): "
-            f"{type(err).__name__}: {err} (fix: check the name and split, or download it to a local "
-            ".jsonl/.parquet file)"
-        ) from None
-    for i, row in enumerate(ds):
-        yield f"{name}[{split}]:row {i}", row
 
 
 # ---------------------------------------------------------------- row checks
@@ -202,7 +110,7 @@ def check_answer(row: dict[str, Any], cfg: DatasetConfig, required: bool) -> Non
 
 def check_prompt(row: dict[str, Any], cfg: DatasetConfig) -> None:
     """A row's prompt is its messages (ending with a user turn) or, without messages, its text."""
-    if cfg.messages_field in row:
+    if row.get(cfg.messages_field) is not None:
         check_messages(row[cfg.messages_field], cfg.messages_field, last_role="user")
     else:
         check_text(row, cfg.prompt_field, f"give every row a '{cfg.prompt_field}' string or a "
@@ -218,7 +126,7 @@ def check_solved(row: dict[str, Any], cfg: DatasetConfig) -> None:
 
 def split_sft(row: dict[str, Any], cfg: DatasetConfig) -> tuple[dict[str, Any], str]:
     """(prompt part, response text) of an SFT row."""
-    if cfg.messages_field in row:
+    if row.get(cfg.messages_field) is not None:
         messages = check_messages(row[cfg.messages_field], cfg.messages_field, last_role="assistant")
         if len(messages) < 2:
             raise RowError(cfg.messages_field, "only an assistant turn, no prompt",
@@ -261,7 +169,7 @@ def load_pool(cfg: DatasetConfig, rows: list[dict[str, Any]]) -> list[dict[str, 
     if not cfg.few_shot_path:
         return [r for r in rows if _is_solved(r, cfg)]
     pool = []
-    for where, row in read_records(cfg.few_shot_path, cfg.split):
+    for where, row in read_records(cfg.few_shot_path, cfg.split, cfg.subset):
         try:
             if isinstance(row, RowError):
                 raise row
@@ -298,7 +206,7 @@ def load_dataset(
         check_template(cfg, tokenizer)
     except TemplateError as err:
         raise DataError(f"{cfg.path}: {err}") from None
-    records = list(read_records(cfg.path, cfg.split))
+    records = list(read_records(cfg.path, cfg.split, cfg.subset))
     if not records:
         raise DataError(f"{cfg.path}: no rows (fix: point `path` to a file with at least {min_rows} rows)")
     pool = load_pool(cfg, [r for _, r in records if isinstance(r, dict)])
@@ -315,7 +223,7 @@ def load_dataset(
             text = format_prompt(source, cfg, tokenizer, pool, example_rng(seed, question))
             ids = encode_prompt(text, tokenizer)
             if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-                raise RowError(cfg.messages_field if cfg.messages_field in row else cfg.prompt_field,
+                raise RowError(cfg.messages_field if row.get(cfg.messages_field) is not None else cfg.prompt_field,
                                f"the formatted prompt has {len(ids)} tokens, over the limit of {max_prompt_tokens}",
                                "shorten the prompt, or raise model.max_model_len / lower max_new_tokens",
                                "prompt_too_long")

@@ -33,7 +33,7 @@ def tokenize_prompts(
         text = format_prompt(row, cfg, tokenizer, pool, example_rng(seed, str(row.get(cfg.prompt_field, ""))))
         ids = encode_prompt(text, tokenizer)
         if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-            field = cfg.messages_field if cfg.messages_field in row else cfg.prompt_field
+            field = cfg.messages_field if row.get(cfg.messages_field) is not None else cfg.prompt_field
             raise DataError(
                 f"row {i}: field '{field}': the formatted prompt has {len(ids)} tokens, over the "
                 f"limit of {max_prompt_tokens} (fix: shorten it, or raise model.max_model_len)"

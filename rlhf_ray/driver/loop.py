@@ -13,10 +13,12 @@ from typing import Any
 import torch
 
 from rlhf_ray.algorithms import AdaptiveKLController, FixedKLController, masked_mean
+from rlhf_ray.checkpoint import latest_complete
 from rlhf_ray.config import RunConfig
 from rlhf_ray.driver.recovery import apply_scaling, broadcast_replacing_dead, failure_metrics, log_failures
 from rlhf_ray.experience import make_experience
 from rlhf_ray.protocol import Experience, RolloutBatch, RolloutResult, collate
+from rlhf_ray.tracking import FlatRewardWatch, flat_reward
 from rlhf_ray.driver.components import RunComponents, build_components, restore_checkpoint, save_checkpoint
 from rlhf_ray.driver.dynamic_sampling import fill_with_informative_groups, score_rollout
 from rlhf_ray.driver.step_guard import StepGuard
@@ -86,6 +88,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
         rows, ids = c.prompts.next_batch()
         pending = (rows, c.pool.submit(ids))
     metrics: dict[str, Any] = {}
+    flat_watch = FlatRewardWatch(cfg.train.flat_reward_warn_steps, cfg.train.flat_reward_stop_steps)
+    run_start = time.perf_counter()
     try:
         for step in range(start, cfg.train.steps):
             timer, step_start = StageTimer(), time.perf_counter()
@@ -155,6 +159,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
                 "perf/samples_per_s": len(rollout.samples) / (time.perf_counter() - step_start),
             }
             step_metrics |= {f"reward/{k}_mean": float(v.float().mean()) for k, v in rewards.items() if k not in ("scores", "valid")}
+            stop = flat_watch.update(step, flat_reward(rewards["scores"].tolist(), rewards["valid"].tolist(), n))
+            step_metrics["reward/flat_steps"] = float(flat_watch.run)
             step_metrics |= timer.metrics()
             step_metrics["timing/step_s"] = time.perf_counter() - step_start
             if step_metrics["rollout/logprob_diff_mean"] > algo.logprob_mismatch_warn:
@@ -165,10 +171,19 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
             c.tracker.log(step_metrics, step=step)
             c.tracker.log_samples(step, prompts, responses, rewards["scores"].tolist())
             log_failures(c.tracker, step, rollout)
-            print(c.tracker.console_line(step, cfg.train.steps, step_metrics), flush=True)
-            if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 or step + 1 == cfg.train.steps:
+            eta = (time.perf_counter() - run_start) / (step + 1 - start) * (cfg.train.steps - step - 1)
+            print(c.tracker.console_line(step, cfg.train.steps, step_metrics, eta), flush=True)
+            last = step + 1 == cfg.train.steps or stop
+            if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 or last:
                 save_checkpoint(c, step + 1, kl_ctl, guard, pending_batches=int(pending is not None))
             metrics = step_metrics
+            if stop:
+                log.warning("stopping at step %d: train.flat_reward_stop_steps=%d steps in a row had flat rewards",
+                            step + 1, cfg.train.flat_reward_stop_steps)
+                break
     finally:
         c.close()
+    final = latest_complete(c.checkpoints.root, verify="size")
+    if final is not None:
+        print(f"model: {final / 'policy'} (optimizer and run state beside it in {final})", flush=True)
     return metrics

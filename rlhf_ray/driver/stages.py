@@ -14,6 +14,7 @@ from learners import LearnerGroup
 from rlhf_ray.config import RunConfig, SupervisedConfig
 from rlhf_ray.data import tokenize_preferences, tokenize_sft
 from rlhf_ray.data.tokenize import cut_responses, pad_id, pad_right
+from rlhf_ray.tracking import EpochProgress
 
 log = logging.getLogger(__name__)
 Logger = Callable[[dict[str, float], int], None]
@@ -85,13 +86,16 @@ def run_lm_stage(
     steps = stage.epochs * (num_rows // stage.batch_size)
     metrics: dict[str, float] = {}
     with LearnerGroup("policy", start_path, _stage_learner_cfg(cfg, stage), cfg.model, total_steps=steps) as group:
+        progress = EpochProgress(name, stage.epochs, num_rows // stage.batch_size)
         for step, idx in enumerate(epoch_batches(num_rows, stage.batch_size, stage.epochs, cfg.train.seed)):
             metrics = group.sft_step(make_batch(idx))
             logger({f"{name}/{k.split('/')[-1]}": v for k, v in metrics.items()}, step)
+            progress.step(step, metrics)
         if eval_batch is not None:
             metrics[f"eval/{name}_loss"] = group.sft_eval_loss(eval_batch)
             logger({f"eval/{name}_loss": metrics[f"eval/{name}_loss"]}, steps)
         group.save(str(out_path))
+    print(f"model: {out_path}", flush=True)
     return metrics
 
 
@@ -142,9 +146,11 @@ def run_rm(
     steps = stage.epochs * (len(train_rows) // stage.batch_size)
     metrics: dict[str, float] = {}
     with LearnerGroup("reward", start_path, _stage_learner_cfg(cfg, stage), cfg.model, total_steps=steps) as group:
+        progress = EpochProgress("rm", stage.epochs, len(train_rows) // stage.batch_size)
         for step, idx in enumerate(epoch_batches(len(train_rows), stage.batch_size, stage.epochs, cfg.train.seed)):
             metrics = group.rm_step(tokenize_preferences([train_rows[i] for i in idx], tokenizer, stage.max_len))
             logger({f"rm/{k.split('/')[-1]}": v for k, v in metrics.items()}, step)
+            progress.step(step, metrics)
         if eval_rows:
             metrics["eval/rm_accuracy"] = reward_accuracy(group, eval_rows, tokenizer, stage.max_len)
             logger({"eval/rm_accuracy": metrics["eval/rm_accuracy"]}, steps)
@@ -153,6 +159,7 @@ def run_rm(
                 metrics[f"eval/rm_accuracy_{name}"] = reward_accuracy(group, rows, tokenizer, stage.max_len)
                 logger({f"eval/rm_accuracy_{name}": metrics[f"eval/rm_accuracy_{name}"]}, steps)
         group.save(str(out_path))
+    print(f"model: {out_path}", flush=True)
     return cut | metrics
 
 
