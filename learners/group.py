@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.algorithms import sft_loss
 from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from rlhf_ray.hardware import compute_runtime_env
 from rlhf_ray.ray_utils import ActorCallError, LearnerRankError, get_with_timeout
 
 from .batching import check_batch, num_rows, pad_rows, rank_rows, select_rows, split_rows
@@ -73,7 +74,8 @@ class LearnerGroup:
                 f"{cfg.call_timeout_s:.0f}s; the cluster has {ray.available_resources()} available"
             )
         actor_cls = ray.remote(
-            num_cpus=cfg.num_cpus_per_rank, num_gpus=cfg.num_gpus_per_rank, resources=cfg.resources or None
+            num_cpus=cfg.num_cpus_per_rank, num_gpus=cfg.num_gpus_per_rank, resources=cfg.resources or None,
+            runtime_env=compute_runtime_env(),  # nice 0 and a dense-compute OpenMP policy (rlhf_ray/hardware.py)
         )(LearnerWorker)
         self.names = [f"{role}-learner-{i}" for i in range(n)]
         self.workers = [
