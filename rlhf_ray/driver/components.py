@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from transformers import AutoTokenizer
@@ -83,10 +83,14 @@ class RemoteCall:
 
     def __getattr__(self, method: str):
         def call(*args: Any, **kwargs: Any) -> Any:
-            ref = getattr(self.handle, method).remote(*args, **kwargs)
-            return get_with_timeout([ref], [self.name], f"{self.name}.{method}", self.timeout_s)[0]
+            return self.start(method, *args, **kwargs)()
 
         return call
+
+    def start(self, method: str, *args: Any, **kwargs: Any) -> Callable[[], Any]:
+        """Submit the call now; the returned function waits for its answer (the same timeout and errors)."""
+        ref = getattr(self.handle, method).remote(*args, **kwargs)
+        return lambda: get_with_timeout([ref], [self.name], f"{self.name}.{method}", self.timeout_s)[0]
 
 
 def total_policy_updates(cfg: RunConfig) -> int:

@@ -108,11 +108,12 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
             sample_rows = [rows[s.prompt_id] for s in rollout.samples]
 
             # 2. rewards, reference and learner log-probs, values
+            reference_call = c.reference.start("compute_logprobs", batch)  # runs in its actor while rewards score
             with timer("reward"):
                 rewards = c.reward.score([s.prompt_ids + s.response_ids for s in rollout.samples], prompts, responses, sample_rows)
                 rewards = guard_rewards(rewards, len(rollout.samples))  # NaN/inf/huge scores are masked
-            with timer("reference"):
-                ref_logp = c.reference.compute_logprobs(batch)
+            with timer("reference"):  # what is left of the reference forward after scoring
+                ref_logp = reference_call()
             with timer("logprobs"):  # one on-policy optimizer step needs no old log-probs (cfg.skips_old_logprobs)
                 old_logp = None if cfg.skips_old_logprobs else c.policy.compute_logprobs(batch)
                 values = c.critic.compute_values(batch) if algo.uses_critic else None
