@@ -90,8 +90,8 @@ class LearnerConfig(Section):
     num_gpus_per_rank: float = Field(0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict)
     zero_stage: Literal["auto", 0, 1, 2, 3] = Field(
-        "auto", description="DeepSpeed ZeRO stage. auto: 0 on one rank (nothing to partition; ZeRO-2 there only "
-        "adds about 0.4 s of bookkeeping per update on the CPU bench), 2 on several.",
+        "auto", description="DeepSpeed ZeRO stage. auto: 0 on one fp32 rank (nothing to partition; ZeRO-2 there only "
+        "adds about 0.4 s of bookkeeping per update on the CPU bench), 2 on several ranks or in bf16.",
     )
     gradient_checkpointing: bool = False
     grad_clip: float = Field(1.0, gt=0)
@@ -114,12 +114,15 @@ class LearnerConfig(Section):
     )
     seed: int = 0
 
-    @property
-    def zero_stage_used(self) -> int:
-        """The ZeRO stage the engines run with (`zero_stage`, with auto resolved for `num_ranks`)."""
+    def zero_stage_used(self, bf16: bool) -> int:
+        """The ZeRO stage the engines run with: `zero_stage`, or for auto 0 on one fp32 rank and 2 otherwise.
+
+        bf16 keeps ZeRO-2 on one rank: DeepSpeed's stage-0 bf16 optimizer does not expose its moments
+        per parameter, which the learner checkpoints (learners/checkpoint.py) are made of.
+        """
         if self.zero_stage != "auto":
             return int(self.zero_stage)
-        return 0 if self.num_ranks == 1 else 2
+        return 0 if self.num_ranks == 1 and not bf16 else 2
 
 
 class KLConfig(Section):

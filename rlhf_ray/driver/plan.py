@@ -212,9 +212,11 @@ def _describe_transport(cfg: RunConfig, backend: str) -> str:
 def _describe_compute(cfg: RunConfig) -> list[str]:
     """ZeRO stage, precision and process settings of the learners, each with why."""
     le = cfg.learner
-    stage = le.zero_stage_used
-    why = (f"auto: {'one rank, nothing to partition' if le.num_ranks == 1 else f'{le.num_ranks} ranks'}"
-           if le.zero_stage == "auto" else "learner.zero_stage")
+    bf16 = cfg.model.dtype == "bfloat16"
+    stage = le.zero_stage_used(bf16)
+    auto_why = ("one rank, nothing to partition" if stage == 0 else
+                f"{le.num_ranks} ranks" if le.num_ranks > 1 else "bf16 checkpoints need ZeRO's per-parameter state")
+    why = f"auto: {auto_why}" if le.zero_stage == "auto" else "learner.zero_stage"
     dtype, reason = auto_dtype()
     dtype_note = f"what model.dtype=auto picks here too ({reason})" if dtype == cfg.model.dtype else (
         f"model.dtype=auto would pick {dtype} here: {reason}")
