@@ -24,6 +24,7 @@ from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from rlhf_ray.protocol import LAYOUT_FIELDS
 from rlhf_ray.protocol import Experience, missing_experience_fields
 from rlhf_ray.protocol import TensorBatch as Batch
+from rlhf_ray.hardware import compute_runtime_env
 from rlhf_ray.ray_utils import ActorCallError, LearnerRankError, get_with_timeout
 from rlhf_ray.sizing import learner_rank_request, optimizer_steps, ray_options
 
@@ -76,7 +77,8 @@ class LearnerGroup:
                 f"{role} learner group: {n} bundles of {bundle} could not be placed within "
                 f"{cfg.call_timeout_s:.0f}s; the cluster has {ray.available_resources()} available"
             )
-        actor_cls = ray.remote(**ray_options(bundle))(LearnerWorker)
+        # nice 0 and a dense-compute OpenMP policy (rlhf_ray/hardware.py)
+        actor_cls = ray.remote(**ray_options(bundle), runtime_env=compute_runtime_env())(LearnerWorker)
         self.names = [f"{role}-learner-{i}" for i in range(n)]
         self.workers = [
             actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i)).remote(

@@ -80,7 +80,7 @@ def deepspeed_config(cfg: LearnerConfig, world_size: int, bf16: bool) -> dict[st
         "gradient_accumulation_steps": gas,
         "train_batch_size": cfg.micro_batch_size * gas * world_size,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage_used(bf16)},
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,

@@ -15,14 +15,19 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from rlhf_ray.bench.compute import matmul_peak_gflops, update_flops
 from rlhf_ray.bench.main import run_bench
 from rlhf_ray.bench.report import Figure, paired_ratio, ratio_of_medians, skipped, write_report
 from rlhf_ray.bench.reward import letter_fraction
 from rlhf_ray.bench.sync import line_fit
-from rlhf_ray.bench.training import e2e_figure, overhead_figure
+from rlhf_ray.bench.training import e2e_figure, overhead_figure, peak_share_figure
 from rlhf_ray.bench.workloads import QUICK, prompt_texts
 
-FIGURE_KEYS = {"e2e_vs_trl", "rollout_efficiency", "weight_sync", "rollout_scaling", "async_overlap", "overhead"}
+FIGURE_KEYS = {
+    "e2e_vs_trl", "e2e_async_vs_trl", "e2e_bf16_vs_trl", "e2e_vs_trl_native", "learner_peak_float32",
+    "learner_peak_bfloat16", "rollout_efficiency", "weight_sync", "rollout_scaling", "async_overlap", "overhead",
+}
+MAY_BE_SKIPPED = {"e2e_vs_trl", "e2e_async_vs_trl", "e2e_bf16_vs_trl", "e2e_vs_trl_native", "learner_peak_bfloat16"}
 
 
 def check_report(out: Path, expected_keys: set[str]) -> dict:
@@ -32,8 +37,8 @@ def check_report(out: Path, expected_keys: set[str]) -> dict:
     figures = {f["key"]: f for f in data["figures"]}
     assert set(figures) == expected_keys
     for f in figures.values():
-        if f["value"] is None:  # only the TRL comparison may be skipped (offline machine)
-            assert f["key"] == "e2e_vs_trl" and f["note"]
+        if f["value"] is None:  # only TRL (offline machine) and bf16 (no bf16 unit) comparisons may be skipped
+            assert f["key"] in MAY_BE_SKIPPED and f["note"]
             continue
         assert math.isfinite(f["value"])
         assert f["value"] >= 0 if f["key"] == "overhead" else f["value"] > 0
@@ -128,3 +133,23 @@ def test_bench_quick_runs_every_figure(tmp_path: Path) -> None:
     assert done.returncode == 0
     figures = check_report(tmp_path, FIGURE_KEYS)
     assert set(figures["overhead"]["details"]) >= {f"{s}_s" for s in ("generate", "update", "sync")}
+
+
+def test_update_flops_counts_every_linear_weight_and_attention(tiny_model_dir: Path) -> None:
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(tiny_model_dir / "policy")
+    h, kv = c.hidden_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * c.intermediate_size  # q, o; k, v; gate, up, down
+    linear = c.num_hidden_layers * per_layer + h * c.vocab_size  # + lm_head
+    samples, seq = 3, 10
+    forward = 2 * linear * samples * seq + 4 * seq * seq * h * c.num_hidden_layers * samples
+    assert update_flops(str(tiny_model_dir / "policy"), samples, seq) == 3 * forward
+
+
+def test_peak_share_is_update_gflops_over_the_peak() -> None:
+    steps = [{"timing/update_s": 2.0}, {"timing/update_s": 4.0}, {"timing/update_s": 1.0}]
+    figure = peak_share_figure(steps, flops=8e9, peak_gflops=10.0, dtype="float32")
+    assert (figure.value, figure.low, figure.high) == pytest.approx((0.4, 0.2, 0.8))
+    assert figure.key == "learner_peak_float32" and figure.met is False  # goal 0.7
+    assert matmul_peak_gflops("float32", threads=1, size=128, repeats=2) > 0

@@ -36,7 +36,7 @@ def test_overrides_apply_with_yaml_types():
         ("rollout.num_actor=2", "rollout.num_actor: unknown key; did you mean 'rollout.num_actors'?"),
         ("rollout.sampling.temprature=1", "did you mean 'rollout.sampling.temperature'?"),
         ("train.prompts_per_step=-4", "train.prompts_per_step: Input should be greater than or equal to 1 (got -4)"),
-        ("learner.zero_stage=4", "learner.zero_stage: Input should be 0, 1, 2 or 3 (got 4)"),
+        ("learner.zero_stage=4", "learner.zero_stage: Input should be 'auto', 0, 1, 2 or 3 (got 4)"),
         ("rollout.num_actors=two", "rollout.num_actors: Input should be a valid integer"),
         ("algorithm.name=dpo", "algorithm.name: Input should be 'ppo', 'grpo', 'dr_grpo', 'dapo', 'gspo', 'rloo'"),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from actors.rollout_actor import check_requests
 from actors.rollout_pool import RolloutPool, balance
 from rlhf_ray.config import ModelConfig, RolloutConfig, SamplingConfig
+from rlhf_ray.hardware import process_environment, process_niceness
 from rlhf_ray.modeling import response_logprobs
 from rlhf_ray.protocol import collate
 from rlhf_ray.weight_sync import compare_checksums, layer_checksums, layer_of
@@ -199,6 +201,15 @@ def test_add_and_remove_actors_between_calls(
     print("\n1-actor pool tokens/s:", {k: round(v) for k, v in shrunk.tokens_per_s.items()})
     with pytest.raises(ValueError, match="between 1 and"):
         pool.remove_actors(1)
+
+
+def test_rollout_actors_keep_rays_niceness_and_their_core_pinning(pool: RolloutPool) -> None:
+    """Unlike learner ranks (tests/test_hardware.py), vLLM engines keep nice 15 and pin their own threads."""
+    for actor in pool.actors:
+        pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+        env = process_environment(pid)
+        assert process_niceness(pid) == 15
+        assert "VLLM_CPU_OMP_THREADS_BIND" in env and env.get("OMP_WAIT_POLICY") != "ACTIVE"
 
 
 def test_bad_input_raises_before_generating(pool: RolloutPool, prompts: list[list[int]]) -> None:

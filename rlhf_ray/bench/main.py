@@ -25,10 +25,8 @@ def run_bench(out_dir: Path, quick: bool, figures: tuple[str, ...] = FIGURES) ->
 
     Models, prompt files and run folders go to out_dir/out (ignored by git).
     """
-    # Other processes may share the cores; spinning OpenMP threads then lose whole time slices,
-    # which slows the multi-threaded side (TRL, 2-thread learners) far more than the pinned engines.
-    # Set before Ray starts, so every worker and the TRL subprocess inherit it.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # No OpenMP policy for everyone here: the learner ranks get theirs from rlhf_ray.hardware, the matched
+    # TRL runs the same one, TRL's native run the bench's own environment (see `conditions`).
     import ray
     from transformers import AutoTokenizer
 
@@ -44,6 +42,11 @@ def run_bench(out_dir: Path, quick: bool, figures: tuple[str, ...] = FIGURES) ->
     texts = workloads.prompt_texts(tokenizer, w.prompt_len, 64)
     prompt_ids = [tokenizer(t)["input_ids"] for t in texts[: w.rollout_prompts]]
 
+    peaks = None
+    if "training" in figures:  # before Ray starts: nothing else of ours runs while the peak is timed
+        from rlhf_ray.bench.compute import matmul_peak_gflops
+
+        peaks = {dtype: matmul_peak_gflops(dtype, threads=2) for dtype in ("float32", "bfloat16")}
     owns_ray = not ray.is_initialized()  # under pytest the session's cluster is shared: leave it up
     init_ray(ClusterConfig(num_cpus=workloads.CLUSTER_CPUS))
     results: list[Figure] = []
@@ -65,14 +68,16 @@ def run_bench(out_dir: Path, quick: bool, figures: tuple[str, ...] = FIGURES) ->
                 pool2.shutdown()
         if "training" in figures:
             prompts_file = workloads.write_prompts(work / "prompts.jsonl", texts)
-            train_figures, stages = training.training_figures(w, policy, prompts_file, work / "runs")
+            train_figures, stages = training.training_figures(w, policy, prompts_file, work / "runs", peaks)
             results += train_figures
             _lap("training", start, seconds)
     finally:
         if owns_ray:
             ray.shutdown()
 
-    order = ["e2e_vs_trl", "rollout_efficiency", "weight_sync", "rollout_scaling", "async_overlap", "overhead"]
+    order = ["e2e_vs_trl", "e2e_async_vs_trl", "e2e_bf16_vs_trl", "e2e_vs_trl_native", "learner_peak_float32",
+             "learner_peak_bfloat16", "rollout_efficiency", "weight_sync", "rollout_scaling", "async_overlap",
+             "overhead"]
     results.sort(key=lambda f: order.index(f.key))
     meta = run_meta(w, time.perf_counter() - start, load_before) | {"seconds_per_group": seconds}
     print(report.write_report(out_dir, results, meta, stages), flush=True)
@@ -103,7 +108,24 @@ def run_meta(w: Workload, seconds: float, load_before: float) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "seconds": seconds,
         "load_average": [load_before, os.getloadavg()[0]],
+        "conditions": conditions(),
     }
+
+
+def conditions() -> str:
+    """The process settings both sides of every end-to-end ratio ran under, in one sentence."""
+    from rlhf_ray.hardware import COMPUTE_PROCESS_ENV, auto_dtype
+
+    omp = " ".join(f"{k}={v}" for k, v in COMPUTE_PROCESS_ENV.items() if k != "RAY_worker_niceness")
+    bench_omp = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ)
+    return (
+        f"rlhf_ray's learner ranks and reference: nice 0, {omp}, 2 threads (1 in the async-overlap runs); "
+        f"vLLM engines: Ray's nice 15, one pinned core each. TRL matched runs: the same {omp}, nice {os.nice(0)} "
+        f"(the bench's), 2 threads, the same precision as the rlhf_ray run they are compared with (fp32, or "
+        f"bf16 mixed precision). TRL native: its defaults (bf16, gradient checkpointing) under the bench's "
+        f"environment ({bench_omp or 'no OpenMP variables: libgomp defaults'}). bf16 on this machine: "
+        f"{auto_dtype()[1]}."
+    )
 
 
 def bench_main(out_dir: str = "bench", quick: bool = False, only: list[str] | None = None) -> int:

@@ -93,6 +93,7 @@ def markdown(figures: list[Figure], meta: dict[str, Any], stages: dict[str, floa
         f"{meta['load_average'][0]:.1f} before, {meta['load_average'][1]:.1f} after. "
         "Each figure is the median of the repeats (warm-up discarded) with min–max.",
         "",
+        *([f"Conditions: {meta['conditions']}", ""] if meta.get("conditions") else []),
         "| figure | measured | min–max | goal | met |",
         "| --- | ---: | ---: | ---: | :---: |",
     ]

@@ -58,8 +58,14 @@ def ensure_trl_python(venv: Path = DEFAULT_VENV) -> Path:
 def run_trl(
     python: Path, policy: Path, prompts_file: Path, out_dir: Path, *, steps: int, prompts_per_step: int,
     group_size: int, response_len: int, lr: float, betas: tuple[float, float], kl_coef: float,
+    precision: str = "float32", env: dict[str, str] | None = None,
 ) -> list[dict[str, float]]:  # fmt: skip
-    """Run `steps` GRPO steps in TRL; returns each step's {step_s, samples, tokens}, warm-up step dropped."""
+    """Run `steps` GRPO steps in TRL; returns each step's {step_s, samples, tokens}, warm-up step dropped.
+
+    precision: "float32", "bfloat16" (TRL's bf16 mixed precision) or "native" (TRL's own defaults:
+    bf16 and gradient checkpointing). env: extra environment of the TRL process (the OpenMP policy);
+    it runs at this process's niceness.
+    """
     out_dir = out_dir.resolve()  # the run's working directory is out_dir itself
     out_dir.mkdir(parents=True, exist_ok=True)
     policy, prompts_file, result = policy.resolve(), prompts_file.resolve(), out_dir / "trl_steps.json"
@@ -67,9 +73,9 @@ def run_trl(
         str(python), "-m", "rlhf_ray.bench.trl_baseline", "--model", str(policy), "--prompts", str(prompts_file),
         "--out", str(result), "--steps", str(steps), "--prompts-per-step", str(prompts_per_step),
         "--group-size", str(group_size), "--response-len", str(response_len), "--lr", str(lr),
-        "--beta1", str(betas[0]), "--beta2", str(betas[1]), "--kl-coef", str(kl_coef),
+        "--beta1", str(betas[0]), "--beta2", str(betas[1]), "--kl-coef", str(kl_coef), "--precision", precision,
     ]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    env = os.environ | (env or {}) | {"PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false"}
     with open(out_dir / "trl.log", "w") as log:
         done = subprocess.run(cmd, env=env, cwd=out_dir, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
@@ -89,6 +95,7 @@ def main() -> None:
                        ("group-size", int), ("response-len", int), ("lr", float), ("beta1", float),
                        ("beta2", float), ("kl-coef", float)]:  # fmt: skip
         p.add_argument(f"--{name}", type=kind, required=True)
+    p.add_argument("--precision", choices=["float32", "bfloat16", "native"], default="float32")
     args = p.parse_args()
 
     from datasets import Dataset
@@ -124,8 +131,8 @@ def main() -> None:
         temperature=1.0, top_p=1.0, top_k=0, learning_rate=args.lr, adam_beta1=args.beta1, adam_beta2=args.beta2,
         weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="cosine", beta=args.kl_coef, epsilon=0.2,
         num_iterations=1, loss_type="dapo", scale_rewards="group", use_vllm=False, use_cpu=True,
-        # TRL defaults to bf16 and gradient checkpointing; rlhf_ray's runs use neither.
-        bf16=False, gradient_checkpointing=False,
+        # TRL defaults to bf16 and gradient checkpointing ("native"); the matched runs set rlhf_ray's precision.
+        **({} if args.precision == "native" else {"bf16": args.precision == "bfloat16", "gradient_checkpointing": False}),
         generation_kwargs={"min_new_tokens": args.response_len},  # fixed length, as rlhf_ray's ignore_eos
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
     )  # fmt: skip

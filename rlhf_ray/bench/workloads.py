@@ -134,6 +134,7 @@ def grpo_config(
     async_mode: bool,
     old_logprobs: str = "auto",
     group_size: int | None = None,
+    dtype: str = "float32",
 ) -> RunConfig:
     """A GRPO run with the rule reward: one optimizer step per RL step over all of its samples.
 
@@ -143,7 +144,7 @@ def grpo_config(
     group_size = group_size or w.group_size
     samples = prompts_per_step * group_size
     return RunConfig(
-        model=ModelConfig(policy_path=str(policy_path), max_model_len=w.max_model_len),
+        model=ModelConfig(policy_path=str(policy_path), max_model_len=w.max_model_len, dtype=dtype),
         rollout=RolloutConfig(
             num_actors=rollout_actors, kv_cache_space_gib=0.5, sampling=sampling(w, response_len, group_size=group_size)
         ),

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -28,6 +28,7 @@ from rlhf_ray.config import RunConfig, save_resolved
 from rlhf_ray.data import PromptSampler, load_dataset
 from rlhf_ray.driver.plan import weight_sync_backend
 from rlhf_ray.sizing import colocated_bundle
+from rlhf_ray.hardware import compute_runtime_env
 from rlhf_ray.driver.preflight import check_cluster, preflight
 from rlhf_ray.ray_utils import get_with_timeout, init_ray
 from rlhf_ray.rewards import RewardNormalizer
@@ -72,10 +73,14 @@ class RemoteCall:
 
     def __getattr__(self, method: str):
         def call(*args: Any, **kwargs: Any) -> Any:
-            ref = getattr(self.handle, method).remote(*args, **kwargs)
-            return get_with_timeout([ref], [self.name], f"{self.name}.{method}", self.timeout_s)[0]
+            return self.start(method, *args, **kwargs)()
 
         return call
+
+    def start(self, method: str, *args: Any, **kwargs: Any) -> Callable[[], Any]:
+        """Submit the call now; the returned function waits for its answer (the same timeout and errors)."""
+        ref = getattr(self.handle, method).remote(*args, **kwargs)
+        return lambda: get_with_timeout([ref], [self.name], f"{self.name}.{method}", self.timeout_s)[0]
 
 
 def colocated_placement(cfg: RunConfig) -> PlacementGroup | None:
@@ -123,10 +128,7 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
             closers.append(critic.shutdown)
         timeout = cfg.rollout.call_timeout_s
         requests = {r.name: r.ray_options() for r in resource_requests(cfg)}  # what `rlhf-ray plan` shows
-        # On CPU the reference runs between the learners' stages, so it may use as many threads as a rank.
-        reference_handle = ray.remote(ReferenceActor).options(**requests["reference"]).remote(
-            cfg.model.policy_path, cfg.model, cfg.learner.micro_batch_size, max(1, int(cfg.learner.num_cpus_per_rank))
-        )
+        reference_handle = start_reference(cfg, requests["reference"])
         closers.append(lambda: ray.kill(reference_handle))
         reward_env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "0"}}
         reward_handle = ray.remote(RewardActor).options(**requests["reward"], runtime_env=reward_env).remote(
@@ -150,6 +152,16 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
     return RunComponents(
         cfg, run_dir, tokenizer, prompts, pool, policy, critic, reference, reward, broadcaster, tracker,
         CheckpointWriter.for_run(run_dir, cfg.checkpoint), RewardNormalizer(cfg.reward.normalize), closers,
+    )
+
+
+def start_reference(cfg: RunConfig, ray_options: dict[str, Any]) -> Any:
+    """The ReferenceActor's Ray handle, started like a learner rank: nice 0, dense-compute OpenMP policy.
+
+    On CPU the reference runs between the learners' stages, so it may use as many threads as a rank.
+    """
+    return ray.remote(ReferenceActor).options(**ray_options, runtime_env=compute_runtime_env()).remote(
+        cfg.model.policy_path, cfg.model, cfg.learner.micro_batch_size, max(1, int(cfg.learner.num_cpus_per_rank))
     )
 
 

@@ -107,7 +107,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
                 next_rows, next_ids = c.prompts.next_batch()  # generated with this version during stages 2-3
                 pending = (next_rows, c.pool.submit(next_ids))
 
-            # 2. rewards (NaN/inf/huge scores masked), reference and learner log-probs, values
+            # 2. rewards (NaN/inf/huge scores masked) while the reference scores the batch in its own actor
+            batch = collate(rollout.samples, c.tokenizer.pad_token_id)
+            reference_call = None if algo.dynamic_sampling else c.reference.start("compute_logprobs", batch, temperature)
             with timer("reward"):
                 scored = score_rollout(c, rows, rollout)
             sampling_metrics: dict[str, float] = {}
@@ -117,12 +119,13 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
                         scored, lambda: score_rollout(c, *_generate(c)), cfg.train.prompts_per_step, n,
                         algo.dynamic_sampling_max_rounds,
                     )
+                batch = collate(scored.rollout.samples, c.tokenizer.pad_token_id)
+                reference_call = c.reference.start("compute_logprobs", batch, temperature)  # the groups kept
             rows, rollout, prompts, responses, rewards = (
                 scored.rows, scored.rollout, scored.prompts, scored.responses, scored.rewards
             )
-            batch = collate(rollout.samples, c.tokenizer.pad_token_id)
-            with timer("reference"):
-                ref_logp = c.reference.compute_logprobs(batch, temperature)
+            with timer("reference"):  # what is left of the reference forward after scoring
+                ref_logp = reference_call()
             with timer("logprobs"):  # one on-policy optimizer step needs no old log-probs (cfg.skips_old_logprobs)
                 old_logp = None if cfg.skips_old_logprobs else c.policy.compute_logprobs(batch, temperature)
                 values = c.critic.compute_values(batch) if algo.uses_critic else None

@@ -19,6 +19,7 @@ from typing import Any
 
 from rlhf_ray.config import RunConfig
 from rlhf_ray.sizing import BUILTIN, BatchMath, ResourceRequest, batch_math, resource_requests
+from rlhf_ray.hardware import COMPUTE_PROCESS_ENV, auto_dtype
 
 # The config fields that set each kind's count and per-actor amounts, named in every error's fix.
 COUNT_FIELD = {"rollout": "rollout.num_actors", "learner": "learner.num_ranks"}
@@ -86,6 +87,7 @@ class Plan:
             "  old log-probs: " + ("the update's own (one on-policy optimizer step; no separate learner forward)"
                                    if cfg.skips_old_logprobs else "a learner forward before the update"),
         ]
+        lines += ["", "learner compute", *("  " + line for line in _describe_compute(cfg))]
         if self.warnings:
             lines += ["", "warnings"] + [f"  ! {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -138,6 +140,26 @@ def _describe_transport(cfg: RunConfig, backend: str) -> str:
         f"rendezvous on {_rendezvous_address(ws)}, {ws.bucket_mb:g} MiB buckets, timeout {ws.timeout_s:g}s"
         + (", checksums verified" if ws.verify else "")
     )
+
+
+def _describe_compute(cfg: RunConfig) -> list[str]:
+    """ZeRO stage, precision and process settings of the learners, each with why."""
+    le = cfg.learner
+    bf16 = cfg.model.dtype == "bfloat16"
+    stage = le.zero_stage_used(bf16)
+    auto_why = ("one rank, nothing to partition" if stage == 0 else
+                f"{le.num_ranks} ranks" if le.num_ranks > 1 else "bf16 checkpoints need ZeRO's per-parameter state")
+    why = f"auto: {auto_why}" if le.zero_stage == "auto" else "learner.zero_stage"
+    dtype, reason = auto_dtype()
+    dtype_note = f"what model.dtype=auto picks here too ({reason})" if dtype == cfg.model.dtype else (
+        f"model.dtype=auto would pick {dtype} here: {reason}")
+    master = "; fp32 master weights and optimizer state" if cfg.model.dtype == "bfloat16" else ""
+    env = " ".join(f"{k}={v}" for k, v in COMPUTE_PROCESS_ENV.items())
+    return [
+        f"ZeRO stage {stage} ({why})",
+        f"dtype {cfg.model.dtype} for learners, reference and vLLM{master}; {dtype_note}",
+        f"learner ranks and reference start with {env}; rollout actors keep Ray's nice 15 and their core pinning",
+    ]
 
 
 def _rendezvous_address(ws) -> str:
