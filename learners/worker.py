@@ -12,6 +12,7 @@ import os
 import random
 import resource
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import deepspeed
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from rlhf_ray.cuda_ipc import SharedBucket
 from rlhf_ray.modeling import response_logprobs
-from rlhf_ray.net import bind_listener, listen_address
+from rlhf_ray.net import bind_listener, interface_of, listen_address, route_source_address
 from rlhf_ray.weight_sync import ParamSums, SyncGroupSpec, TensorMeta, join_sync_group, store_on
 
 from . import checkpoint
@@ -89,6 +90,10 @@ class LearnerWorker:
         )
         if not self.on_gpu:
             torch.set_num_threads(max(1, int(self.cfg.num_cpus_per_rank)))
+            # Gloo's default device may bind 127.0.0.1 (see rlhf_ray.weight_sync.join_sync_group), which ranks on
+            # other nodes cannot reach; the group is created inside DeepSpeed, so name the interface instead.
+            local = master_addr if self.rank == 0 else route_source_address(master_addr)
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", interface_of(local))
         listen_fd, self._listen_fd = getattr(self, "_listen_fd", None), None
         store = store_on(master_addr, master_port, self.world_size, self.cfg.call_timeout_s, listen_fd)
         timeout = timedelta(seconds=self.cfg.call_timeout_s)
@@ -252,6 +257,14 @@ class LearnerWorker:
     def where(self) -> dict[str, str]:
         """The Ray node this rank runs on: {"node_id", "node_ip"}; also the group's liveness probe."""
         return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+    def read_shared_file(self, path: str) -> tuple[str, str | None]:
+        """(this node's address, the text of `path` as this node sees it, or None if it has no such file)."""
+        node_ip = ray.util.get_node_ip_address()
+        try:
+            return node_ip, Path(path).read_text()
+        except FileNotFoundError:
+            return node_ip, None
 
     def peak_rss_mib(self) -> float:
         """Peak resident memory of this process, MiB."""
