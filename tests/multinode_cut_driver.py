@@ -45,8 +45,8 @@ def main(address: str, model_dir: str) -> None:
 
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(5, 400, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
-               for _ in range(16)]
-    pending = pool.submit(prompts, sampling=SamplingConfig(n=2, max_new_tokens=48))  # long enough to cut mid-way
+               for _ in range(64)]
+    pending = pool.submit(prompts, sampling=SamplingConfig(n=4, max_new_tokens=48))  # seconds: cut mid-way
     say(submitted=time.time())
     result = pool.collect(pending)
     done = time.time()
