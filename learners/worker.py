@@ -12,6 +12,7 @@ import os
 import random
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import deepspeed
@@ -24,7 +25,7 @@ from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from rlhf_ray.cuda_ipc import SharedBucket, gpu_uuid
 from rlhf_ray.modeling import response_logprobs
 from rlhf_ray.protocol import PER_TOKEN_FIELDS, Experience, TensorBatch
-from rlhf_ray.net import bind_listener, listen_address
+from rlhf_ray.net import bind_listener, interface_of, listen_address, route_source_address
 from rlhf_ray.ray_utils import local_gpu_index
 from rlhf_ray.weight_sync import (
     ParamSums, SyncGroupSpec, TensorMeta, abort_group, host_timeout, join_sync_group, store_on,
@@ -99,6 +100,10 @@ class LearnerWorker:
             torch.cuda.set_device(gpu)
         else:
             torch.set_num_threads(max(1, int(self.cfg.num_cpus_per_rank)))
+            # Gloo's default device may bind 127.0.0.1 (see rlhf_ray.weight_sync.join_sync_group), which ranks on
+            # other nodes cannot reach; the group is created inside DeepSpeed, so name the interface instead.
+            local = master_addr if self.rank == 0 else route_source_address(master_addr)
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", interface_of(local))
         listen_fd, self._listen_fd = getattr(self, "_listen_fd", None), None
         store = store_on(master_addr, master_port, self.world_size, self.cfg.call_timeout_s, listen_fd)
         timeout = timedelta(seconds=self.cfg.call_timeout_s)
@@ -279,6 +284,14 @@ class LearnerWorker:
     def where(self) -> dict[str, str]:
         """The Ray node this rank runs on: {"node_id", "node_ip"}; also the group's liveness probe."""
         return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+    def read_shared_file(self, path: str) -> tuple[str, str | None]:
+        """(this node's address, the text of `path` as this node sees it, or None if it has no such file)."""
+        node_ip = ray.util.get_node_ip_address()
+        try:
+            return node_ip, Path(path).read_text()
+        except FileNotFoundError:
+            return node_ip, None
 
     def shutdown(self) -> None:
         if dist.is_initialized():

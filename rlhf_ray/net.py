@@ -45,6 +45,33 @@ def interface_address(name: str) -> str:
     return socket.inet_ntoa(packed[20:24])
 
 
+def route_source_address(peer: str) -> str:
+    """The local address this host's routing table uses to reach `peer` (no packet is sent).
+
+    A peer on another node is reached from the interface on the shared network, a peer on this
+    host's loopback from 127.0.0.1: the address other members of a group can connect back to.
+    """
+    family = socket.AF_INET6 if ":" in peer else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((peer, 9))  # UDP connect only selects a route; the port is never contacted
+        except OSError as err:
+            raise OSError(err.errno, f"no route from this node to {peer}: {err.strerror}") from None
+        return s.getsockname()[0]
+
+
+def interface_of(address: str) -> str:
+    """The name of this host's network interface that holds IPv4 `address` (e.g. "eth0" for the node's IP)."""
+    names = [name for _, name in socket.if_nameindex()]
+    for name in names:
+        try:
+            if interface_address(name) == address:
+                return name
+        except ValueError:  # an interface without an IPv4 address
+            continue
+    raise ValueError(f"no network interface of this node has the address {address}; interfaces: {', '.join(names)}")
+
+
 def listen_address(address: str, interface: str, node_ip: str) -> str:
     """Where a server on this node listens: `address` if set, else `interface`'s address, else `node_ip`.
 

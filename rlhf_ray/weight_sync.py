@@ -20,6 +20,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from rlhf_ray.net import route_source_address
+
 
 @dataclass(frozen=True)
 class TensorMeta:
@@ -109,7 +111,14 @@ def join_sync_group(spec: SyncGroupSpec, rank: int, listen_fd: int | None = None
     timeout = timedelta(seconds=spec.group_timeout_s)
     prefixed = dist.PrefixStore(f"weight_sync/{spec.generation}", store)
     if spec.backend == "gloo":
-        return dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timeout)
+        # Gloo's default device binds the address the host name resolves to, or 127.0.0.1 when that is not
+        # local (a container, a network namespace), and tells the peers that address: across nodes they then
+        # dial their own loopback. Bind the address that routes to the group's store instead.
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        local = spec.master_addr if rank == 0 else route_source_address(spec.master_addr)
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local)]
+        return dist.ProcessGroupGloo(prefixed, rank, spec.world_size, opts)
     opts = dist.ProcessGroupNCCL.Options()
     opts._timeout = timeout
     return dist.ProcessGroupNCCL(prefixed, rank, spec.world_size, opts)

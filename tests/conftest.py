@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
 import ray
@@ -12,6 +12,9 @@ import ray
 from rlhf_ray.config import ClusterConfig
 from rlhf_ray.ray_utils import init_ray
 from rlhf_ray.recipes.tiny import make_tiny
+
+if TYPE_CHECKING:
+    from netns_cluster import NetnsCluster
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +33,20 @@ def ray_cluster() -> Iterator[None]:
     init_ray(ClusterConfig(num_cpus=8))
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def netns_cluster() -> Iterator["NetnsCluster"]:
+    """One Ray cluster across four network namespaces (tests/netns_cluster.py), shared by every multi-node test."""
+    from netns_cluster import NetnsCluster, default_nodes, netns_unavailable
+
+    why = netns_unavailable()
+    if why:
+        pytest.skip(f"no multi-node test bed: {why}")
+    cluster = NetnsCluster(default_nodes())
+    try:
+        cluster.start()
+        print(f"\nnetns test bed: {len(cluster.nodes)} nodes up in {cluster.start_s:.1f}s")
+        yield cluster
+    finally:
+        print(f"\nnetns test bed torn down in {cluster.stop():.1f}s")

@@ -138,7 +138,7 @@ def test_ray_up_config_passes_rays_schema_and_keeps_the_dashboard_private():
 def test_kuberay_rayjob_has_independent_pools_and_token_auth():
     job = yaml.safe_load((CLUSTER / "kuberay-rayjob.yaml").read_text())
     spec = job["spec"]
-    assert job["kind"] == "RayJob" and spec["entrypoint"] == f"rlhf-ray train {PPO}"
+    assert job["kind"] == "RayJob" and spec["entrypoint"] == f"rlhf-ray train {PPO} train.output_dir=/runs"
     assert (ROOT / PPO).is_file()
     cluster = spec["rayClusterSpec"]
     assert cluster["authOptions"] == {"mode": "token"}
@@ -148,6 +148,20 @@ def test_kuberay_rayjob_has_independent_pools_and_token_auth():
     assert groups["rollout"]["minReplicas"] < groups["rollout"]["maxReplicas"]
     assert "serviceType" not in cluster["headGroupSpec"]  # ClusterIP: never a public LoadBalancer
 
+    # One shared run folder for the driver (head) and the learner ranks, which write checkpoint shards into it.
+    def mounts(template: dict) -> dict[str, str]:
+        [container] = template["spec"]["containers"]
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"]
+                  if "persistentVolumeClaim" in v}
+        return {m["mountPath"]: claims.get(m["name"], "") for m in container["volumeMounts"]}
+
+    head = mounts(cluster["headGroupSpec"]["template"])
+    assert head["/runs"] == mounts(groups["learner"]["template"])["/runs"] == "runs"
+    assert head["/data"] == "data" and head["/models"] == "models"
+    assert "/models" in mounts(groups["rollout"]["template"])
+    ppo = yaml.safe_load((ROOT / PPO).read_text())
+    assert ppo["data"]["prompts"]["path"].startswith("/data/") and ppo["model"]["policy_path"].startswith("/models/")
+
 
 def test_slurm_script_parses_and_starts_a_private_authenticated_head():
     path = CLUSTER / "slurm.sbatch"
@@ -155,3 +169,4 @@ def test_slurm_script_parses_and_starts_a_private_authenticated_head():
     text = path.read_text()
     assert "--dashboard-host=127.0.0.1" in text and "export RAY_AUTH_MODE=token" in text
     assert "srun" in text and "rlhf-ray submit" in text and "--wait" in text
+    assert 'rlhf-ray submit "$CONFIG" "train.output_dir=$PWD/runs"' in text  # the shared filesystem

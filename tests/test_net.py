@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
+import subprocess
 
 import pytest
 import torch
 
-from rlhf_ray.net import bind_listener, interface_address, listen_address
+from rlhf_ray.net import bind_listener, interface_address, interface_of, listen_address, route_source_address
 from rlhf_ray.weight_sync import SyncGroupSpec, join_sync_group
 
 
@@ -61,3 +63,17 @@ def test_a_port_in_use_is_named() -> None:
             bind_listener("127.0.0.1", port)
     finally:
         os.close(fd)
+
+
+@pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2's `ip` as the reference")
+def test_interface_and_route_source_match_iproute2() -> None:
+    # The reference: the kernel's own answer as `ip` prints it, for every IPv4 address of this host.
+    for line in subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout.splitlines():
+        name, address = line.split()[1], line.split()[3].split("/")[0]
+        assert interface_of(address) == name
+        route = subprocess.run(["ip", "-o", "route", "get", address], capture_output=True, text=True).stdout.split()
+        if "src" in route:
+            assert route_source_address(address) == route[route.index("src") + 1]
+    assert route_source_address("127.0.0.1") == "127.0.0.1"
+    with pytest.raises(ValueError, match="no network interface of this node has the address 203.0.113.77"):
+        interface_of("203.0.113.77")

@@ -34,6 +34,7 @@ from rlhf_ray.ray_utils import get_with_timeout, init_ray
 from rlhf_ray.rewards import RewardNormalizer
 from rlhf_ray.driver.step_guard import StepGuard
 from rlhf_ray.sizing import batch_math, resource_requests
+from rlhf_ray.driver.storage import check_shared_run_folder
 from rlhf_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
             critic_cfg = cfg.learner.model_copy(update={"lr": cfg.learner.critic_lr})
             critic = LearnerGroup("critic", critic_start, critic_cfg, cfg.model, cfg.algorithm, total_updates)
             closers.append(critic.shutdown)
+        check_shared_run_folder(run_dir, [policy] + ([critic] if critic else []))
         timeout = cfg.rollout.call_timeout_s
         requests = {r.name: r.ray_options() for r in resource_requests(cfg)}  # what `rlhf-ray plan` shows
         reference_handle = start_reference(cfg, requests["reference"])
