@@ -30,6 +30,13 @@ def cmd_config(args: argparse.Namespace) -> None:
 def cmd_make_tiny(args: argparse.Namespace) -> None:
     from rlhf_ray.recipes.tiny import make_tiny
 
+    if args.hidden_size < 64 or args.hidden_size % 32:
+        raise ConfigError(f"--hidden-size={args.hidden_size}: must be a multiple of 32 and at least 64 (two heads "
+                          "of at least 32 dimensions, as vLLM's CPU attention needs); fix: e.g. --hidden-size 64")
+    if args.num_layers < 1:
+        raise ConfigError(f"--num-layers={args.num_layers}: must be at least 1; fix: e.g. --num-layers 2")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"make-tiny OUT={args.out[:200]!r} is a file, not a folder; fix: name a new or empty folder")
     paths = make_tiny(args.out, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed)
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 
@@ -38,10 +45,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     from rlhf_ray.driver.components import run_dir_for
     from rlhf_ray.driver.supervisor import train_supervised
 
+    from rlhf_ray.driver.run_folder import RunLock, check_resumable
+
     cfg = _config(args)
     if args.resume and not cfg.train.run_name:
         raise ConfigError("--resume needs train.run_name: the run folder to continue (runs/<run_name>)")
-    train_supervised(cfg, run_dir_for(cfg), resume=args.resume)
+    run_dir = run_dir_for(cfg)
+    if args.resume:
+        check_resumable(run_dir)
+    with RunLock(run_dir):
+        train_supervised(cfg, run_dir, resume=args.resume)
 
 
 def cmd_scale(args: argparse.Namespace) -> None:
@@ -53,16 +66,15 @@ def cmd_scale(args: argparse.Namespace) -> None:
 
 
 def _stage(kind: str, args: argparse.Namespace) -> None:
-    from rlhf_ray.data import DataError
     from rlhf_ray.driver.components import run_dir_for
     from rlhf_ray.driver.stages import stage_main
 
+    from rlhf_ray.driver.run_folder import RunLock
+
     cfg = _config(args)
     run_dir = run_dir_for(cfg)
-    try:
+    with RunLock(run_dir):
         metrics = stage_main(cfg, kind, run_dir)
-    except DataError as err:  # a bad dataset is the user's input, like a bad config: a message, no traceback
-        raise ConfigError(str(err)) from None
     print(json.dumps(metrics, indent=2))
     print(f"checkpoint: {run_dir / 'checkpoint'}")
 
@@ -80,21 +92,28 @@ def cmd_rm(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from rlhf_ray.recipes.demo import DEMO_CONFIG, SIZES, run_demo
     from rlhf_ray.driver.components import run_dir_for
+    from rlhf_ray.driver.run_folder import RunLock
 
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
-    if args.task == "arithmetic":
-        from rlhf_ray.recipes.arithmetic import run_arithmetic
+    run_dir = run_dir_for(cfg)
+    with RunLock(run_dir):
+        if args.task == "arithmetic":
+            from rlhf_ray.recipes.arithmetic import run_arithmetic
 
-        results = run_arithmetic(cfg, run_dir_for(cfg))
-    else:
-        results = run_demo(cfg, run_dir_for(cfg), SIZES)
+            results = run_arithmetic(cfg, run_dir)
+        else:
+            results = run_demo(cfg, run_dir, SIZES)
     print(json.dumps({k: v for k, v in results.items() if k != "examples"}, indent=2))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from rlhf_ray.driver.evaluate import eval_main
+    from rlhf_ray.driver.preflight import check_model_folder
 
-    eval_main(_config(args), args.model, args.out)
+    cfg = _config(args)
+    check_model_folder(args.model or cfg.model.policy_path, "--model" if args.model else "model.policy_path",
+                       cfg.model.max_model_len, tokenizer=True)
+    eval_main(cfg, args.model, args.out)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -182,11 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a user error (config, data, model folder, reward import) prints one message, exit 2."""
+    from rlhf_ray.data import DataError
+    from rlhf_ray.redaction import argv_secrets, environment_secrets, mask
+
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except ConfigError as err:
-        print(f"rlhf-ray: {err}", file=sys.stderr)
+    except (ConfigError, DataError) as err:
+        print(f"rlhf-ray: {mask(str(err), environment_secrets() | argv_secrets(argv if argv is not None else sys.argv))}", file=sys.stderr)
         return 2
     return 0
 

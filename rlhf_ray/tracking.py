@@ -19,7 +19,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import wandb
 
-from rlhf_ray.config import REDACTED, SECRET_KEY_PATTERN, TrackingConfig, environment_secrets, redact
+from rlhf_ray.config import TrackingConfig
+from rlhf_ray.redaction import environment_secrets, mask, redact, secret_values_in
 
 
 METRICS: dict[str, str] = {
@@ -128,10 +129,7 @@ class SecretFilter(logging.Filter):
         self.extra = {s for s in extra if len(s) >= 6}
 
     def mask(self, text: str) -> str:
-        # Longest first, so a secret containing another is masked whole.
-        for secret in sorted(environment_secrets() | self.extra, key=len, reverse=True):
-            text = text.replace(secret, REDACTED)
-        return text
+        return mask(text, environment_secrets() | self.extra)
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -164,20 +162,6 @@ def install_secret_filter(extra: Iterable[str] = ()) -> SecretFilter:
     return secret_filter
 
 
-def _secret_values(obj: Any) -> set[str]:
-    """String values under secret-looking keys anywhere in a nested config dict."""
-    if isinstance(obj, dict):
-        found = set()
-        for k, v in obj.items():
-            if SECRET_KEY_PATTERN.search(str(k)) and isinstance(v, str):
-                found.add(v)
-            found |= _secret_values(v)
-        return found
-    if isinstance(obj, (list, tuple)):
-        return set().union(*map(_secret_values, obj))
-    return set()
-
-
 class Tracker:
     """Logs a run's metrics to `run_dir/metrics.jsonl` and, with backend wandb, to a W&B run in `run_dir`."""
 
@@ -189,7 +173,7 @@ class Tracker:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.secret_filter = install_secret_filter(_secret_values(config_dict))
+        self.secret_filter = install_secret_filter(secret_values_in(config_dict))
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a")  # append: a resumed run continues the file
         self.run = None
         if cfg.backend == "wandb":
