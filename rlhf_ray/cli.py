@@ -90,13 +90,13 @@ def cmd_rm(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from rlhf_ray.recipes.demo import DEMO_CONFIG, SIZES, run_demo
-    from rlhf_ray.driver.components import run_dir_for
-    from rlhf_ray.driver.run_folder import RunLock
+    from rlhf_ray.driver.run_folder import RunLock, run_dir_for
 
-    cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+    cfg = load_config(args.config or Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", args.overrides)
     run_dir = run_dir_for(cfg)
     with RunLock(run_dir):
+        from rlhf_ray.recipes.demo import SIZES, run_demo
+
         if args.task == "arithmetic":
             from rlhf_ray.recipes.arithmetic import run_arithmetic
 
@@ -107,12 +107,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from rlhf_ray.driver.evaluate import eval_main
     from rlhf_ray.driver.preflight import check_model_folder
 
     cfg = _config(args)
     check_model_folder(args.model or cfg.model.policy_path, "--model" if args.model else "model.policy_path",
                        cfg.model.max_model_len, tokenizer=True)
+    from rlhf_ray.driver.evaluate import eval_main
+
     eval_main(cfg, args.model, args.out)
 
 

@@ -187,6 +187,11 @@ class DatasetConfig(Section):
     answer_field: str = Field("answer", description="Ground truth for rule rewards and few-shot examples.")
     require_answer: bool = Field(False, description="Every prompt row must carry answer_field (rule rewards).")
     system_prompt: str = Field("", description="System message for the chat template; empty adds none.")
+    special_tokens: Literal["refuse", "escape"] = Field(
+        "refuse", description="Row text holding a special token's text (e.g. <|im_end|>): refuse: a bad row; escape: "
+        "tokenised as plain text (a zero-width space after its first character).",
+    )
+    max_chars: int = Field(1_000_000, ge=1, description="Characters per text field, checked before tokenising.")
 
 
 class DataConfig(Section):

@@ -31,3 +31,24 @@ def nan_every_other_call(prompt, response, row):
     """NaN on every second call: with n=2 samples per prompt, one sample of each group."""
     nan_calls[0] += 1
     return float("nan") if nan_calls[0] % 2 else 1.0
+
+
+def slow_on_row_1(prompt, response, row):
+    """Hangs (60 s) on the row with i == 1: the per-row timeout must mask it, not end the run."""
+    import time
+
+    if row["i"] == 1:
+        time.sleep(60)
+    return 1.0
+
+
+def hogs_memory(prompt, response, row):
+    """Asks for 2 GiB at once: over a memory cap it raises MemoryError in its own process."""
+    return float(len(bytearray(2 << 30)))
+
+
+def secret_length(prompt, response, row):
+    """The length of WANDB_API_KEY as the function sees it (0: not inherited)."""
+    import os
+
+    return float(len(os.environ.get("WANDB_API_KEY", "")))

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 from typing import IO
 
-from rlhf_ray.config import ConfigError
+from rlhf_ray.config import ConfigError, RunConfig
 
 LOCK_FILE = ".lock"
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    """`train.output_dir/train.run_name` (a time stamp and the pid when run_name is empty)."""
+    name = cfg.train.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    return Path(cfg.train.output_dir) / name
 
 
 class RunLock:

@@ -38,7 +38,7 @@ from rlhf_ray.recipes.tiny import make_tiny
 from rlhf_ray.tracking import Tracker
 
 HIDDEN_RULE = "rlhf_ray.recipes.synthetic:hidden_rule"
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 SIZES = {  # the embedded default: finishes in minutes on 2 cores
     "hidden_size": 128, "num_layers": 2, "pretrain_rows": 3000, "sft_rows": 2000, "comparison_prompts": 2000,
     "edited_pairs": 3000, "label_noise_pct": 8, "ppo_prompts": 512, "eval_prompts": 200,
