@@ -203,13 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; a user error (config, data, model folder, reward import) prints one message, exit 2."""
+    from rlhf_ray.checkpoint import CheckpointSpaceError
     from rlhf_ray.data import DataError
     from rlhf_ray.redaction import argv_secrets, environment_secrets, mask
 
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointSpaceError) as err:
         print(f"rlhf-ray: {mask(str(err), environment_secrets() | argv_secrets(argv if argv is not None else sys.argv))}", file=sys.stderr)
         return 2
     return 0

@@ -277,3 +277,55 @@ def test_a_50_mb_prompt_line_is_refused_before_the_tokenizer(tmp_path: Path) -> 
     assert "huge.jsonl:1: field 'prompt': 50000000 characters, over max_chars=1000000 (checked before tokenising)" \
         in message and len(message) < 500
     assert time.perf_counter() - start < 60
+
+
+def test_submit_never_prints_a_token_inside_a_package_url() -> None:
+    from rlhf_ray.driver.launch import PROJECT_ROOT, build_submission, describe
+
+    token = "ghp_plantedToken0123456789abcdef"
+    url = f"git+https://user:{token}@github.com/org/private-rewards.git"
+    sub = build_submission(str(PROJECT_ROOT / "configs" / "demo.yaml"), [], extra_pip=[url], environ={})
+    shown = describe(sub, "http://127.0.0.1:8265")
+    assert token not in shown and "git+https://***@github.com/org/private-rewards.git" in shown
+    assert sub.runtime_env["pip"][-1] == url  # the cluster still gets the URL it must install from
+
+
+def test_metrics_are_cut_back_to_the_checkpoint_and_the_wandb_id_is_kept(tmp_path: Path) -> None:
+    """A resume from the checkpoint at step 2 after steps 0-3 were logged (the last line half-written
+    by the kill): each step once, in order; the W&B run id is the one the first process used."""
+    from rlhf_ray.config import TrackingConfig
+    from rlhf_ray.tracking import Tracker
+
+    cfg = TrackingConfig(backend="none")
+    with Tracker(cfg, tmp_path, "run", {}) as first:
+        for step in range(4):
+            first.log({"reward/mean": float(step)}, step=step)
+        first_id = first.wandb_run_id()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "reward/me')
+    with Tracker(cfg, tmp_path, "run", {}) as resumed:
+        assert resumed.rewind(2) == 3
+        for step in range(2, 5):
+            resumed.log({"reward/mean": 10.0 + step}, step=step)
+        assert resumed.wandb_run_id() == first_id
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["reward/mean"] for r in rows] == [0.0, 1.0, 12.0, 13.0, 14.0]
+
+
+def test_worker_secrets_travel_in_a_private_file_not_the_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import stat
+
+    from rlhf_ray.worker_secrets import PATH_VARIABLE, SETUP_HOOK, load_into_environ, secrets_runtime_env
+
+    monkeypatch.setenv("HF_TOKEN", "hf_plantedHubToken0123")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    env = secrets_runtime_env(["WANDB_API_KEY", "HF_TOKEN"])
+    assert env["worker_process_setup_hook"] == SETUP_HOOK and "hf_planted" not in json.dumps(env)
+    path = Path(env["env_vars"][PATH_VARIABLE])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setenv(PATH_VARIABLE, str(path))
+    load_into_environ()  # what each Ray worker runs at start
+    assert os.environ["HF_TOKEN"] == "hf_plantedHubToken0123"
+    assert secrets_runtime_env(["NOT_SET_ANYWHERE"]) == {}
