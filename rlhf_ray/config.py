@@ -398,7 +398,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         loc = tuple(e["loc"])
-        dotted = ".".join(str(p) for p in loc) or "<root>"
+        dotted = ".".join(str(p)[:100] for p in loc) or "<root>"  # a key can be as long as the file
         if e["type"] == "extra_forbidden":
             parent = _section_at(loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), _all_keys(parent), n=1, cutoff=0.5)
