@@ -7,7 +7,8 @@ import os
 import torch
 
 from rlhf_ray.config import ModelConfig, RewardConfig
-from rlhf_ray.rewards import RewardFunctionError, call_rule, load_reward_fn
+from rlhf_ray.reward_process import RewardProcess
+from rlhf_ray.rewards import RewardFunctionError
 
 
 def reward_engine_options(num_gpus: float, kv_cache_space_gib: float) -> dict:
@@ -29,7 +30,8 @@ class RewardActor:
 
     def __init__(self, model_cfg: ModelConfig, reward_cfg: RewardConfig):
         self.cfg = reward_cfg
-        self.functions = [(f, load_reward_fn(f.path)) for f in reward_cfg.functions]
+        # Each rule function runs in its own child process (time and memory limits, no inherited secrets).
+        self.functions = [(f, RewardProcess(f.path, reward_cfg)) for f in reward_cfg.functions]
         self.llm = None
         if reward_cfg.use_model:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -73,8 +75,8 @@ class RewardActor:
             model = torch.tensor(self.model_scores(sequences), dtype=torch.float64)
             out["model"] = model
             total += self.cfg.model_weight * model
-        for fcfg, fn in self.functions:
-            rule = call_rule(fn, fcfg.path, prompts, responses, rows, self.cfg.retries)
+        for fcfg, process in self.functions:
+            rule = process.score(prompts, responses, rows)
             if n and not any(rule.valid):
                 raise RewardFunctionError(f"every one of the {n} rows of the batch failed; the first: {rule.errors[0]}")
             scores = torch.tensor(rule.scores, dtype=torch.float64)

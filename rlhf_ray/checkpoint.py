@@ -23,6 +23,7 @@ temporary folder only when the root is on a shared filesystem.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -56,6 +57,15 @@ Verify = Literal["full", "size"]
 
 class CheckpointError(RuntimeError):
     """A checkpoint or training state that cannot be written or read; the message names the file."""
+
+
+class CheckpointSpaceError(OSError):
+    """The disk filled up (or a quota was hit) while a checkpoint was written; the earlier ones are intact."""
+
+
+def _is_out_of_space(err: BaseException) -> bool:
+    # An OSError raised inside a Ray actor reaches the driver re-wrapped: match its text as well.
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(err)
 
 
 def step_dir_name(step: int) -> str:
@@ -178,8 +188,17 @@ class CheckpointWriter:
                 self._discard(final)
             os.rename(tmp, final)
             _fsync(self.root)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, Exception) and _is_out_of_space(err):
+                newest = latest_complete(self.root)
+                raise CheckpointSpaceError(
+                    errno.ENOSPC,
+                    f"no space left on the device while saving checkpoint step {step} under {self.root} (the "
+                    f"partial folder is removed; the newest complete checkpoint, {newest or 'none'}, is intact); "
+                    "fix: free space there or move train.output_dir, lower checkpoint.keep_last, then resume "
+                    "with --resume",
+                ) from None
             raise
         log.info("checkpoint %s complete", final)
         self._rotate(keep=final)

@@ -37,6 +37,13 @@ def cmd_config(args: argparse.Namespace) -> None:
 def cmd_make_tiny(args: argparse.Namespace) -> None:
     from rlhf_ray.recipes.tiny import make_tiny
 
+    if args.hidden_size < 64 or args.hidden_size % 32:
+        raise ConfigError(f"--hidden-size={args.hidden_size}: must be a multiple of 32 and at least 64 (two heads "
+                          "of at least 32 dimensions, as vLLM's CPU attention needs); fix: e.g. --hidden-size 64")
+    if args.num_layers < 1:
+        raise ConfigError(f"--num-layers={args.num_layers}: must be at least 1; fix: e.g. --num-layers 2")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"make-tiny OUT={args.out[:200]!r} is a file, not a folder; fix: name a new or empty folder")
     paths = make_tiny(
         args.out, arch=args.arch, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed, tie=args.tie
     )
@@ -47,12 +54,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     from rlhf_ray.driver.components import run_dir_for
     from rlhf_ray.driver.supervisor import train_supervised
 
+    from rlhf_ray.driver.run_folder import RunLock, check_resumable
+
     cfg = _config(args)
     if args.resume and not cfg.train.run_name:
         raise ConfigError("--resume needs train.run_name: the run folder to continue (runs/<run_name>)")
     run_dir = run_dir_for(cfg)
     _route_worker_output(args, run_dir)
-    train_supervised(cfg, run_dir, resume=args.resume)
+    if args.resume:
+        check_resumable(run_dir)
+    with RunLock(run_dir):
+        train_supervised(cfg, run_dir, resume=args.resume)
 
 
 def cmd_scale(args: argparse.Namespace) -> None:
@@ -64,17 +76,16 @@ def cmd_scale(args: argparse.Namespace) -> None:
 
 
 def _stage(kind: str, args: argparse.Namespace) -> None:
-    from rlhf_ray.data import DataError
     from rlhf_ray.driver.components import run_dir_for
     from rlhf_ray.driver.stages import stage_main
+
+    from rlhf_ray.driver.run_folder import RunLock
 
     cfg = _config(args)
     run_dir = run_dir_for(cfg)
     _route_worker_output(args, run_dir)
-    try:
+    with RunLock(run_dir):
         metrics = stage_main(cfg, kind, run_dir)
-    except DataError as err:  # a bad dataset is the user's input, like a bad config: a message, no traceback
-        raise ConfigError(str(err)) from None
     print(json.dumps(metrics, indent=2))
     print(f"model: {run_dir / 'checkpoint'}")  # again, after the metrics, as the last line
 
@@ -90,25 +101,31 @@ def cmd_rm(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from rlhf_ray.recipes.demo import DEMO_CONFIG, SIZES, run_demo
-    from rlhf_ray.driver.components import run_dir_for
+    from rlhf_ray.driver.run_folder import RunLock, run_dir_for
 
-    cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+    cfg = load_config(args.config or Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", args.overrides)
     run_dir = run_dir_for(cfg)
     _route_worker_output(args, run_dir)
-    if args.task == "arithmetic":
-        from rlhf_ray.recipes.arithmetic import run_arithmetic
+    with RunLock(run_dir):
+        from rlhf_ray.recipes.demo import SIZES, run_demo
 
-        results = run_arithmetic(cfg, run_dir)
-    else:
-        results = run_demo(cfg, run_dir, SIZES)
+        if args.task == "arithmetic":
+            from rlhf_ray.recipes.arithmetic import run_arithmetic
+
+            results = run_arithmetic(cfg, run_dir)
+        else:
+            results = run_demo(cfg, run_dir, SIZES)
     print(json.dumps({k: v for k, v in results.items() if k != "examples"}, indent=2))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from rlhf_ray.driver.evaluate import eval_main
+    from rlhf_ray.driver.preflight import check_model_folder
 
     cfg = _config(args)
+    check_model_folder(args.model or cfg.model.policy_path, "--model" if args.model else "model.policy_path",
+                       cfg.model.max_model_len, tokenizer=True)
+    from rlhf_ray.driver.evaluate import eval_main
+
     _route_worker_output(args, Path(args.out).parent if args.out else Path(cfg.train.output_dir) / (cfg.train.run_name or "eval"))
     eval_main(cfg, args.model, args.out, args.templates)
 
@@ -215,11 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a user error (config, data, model folder, reward import) prints one message, exit 2."""
+    from rlhf_ray.checkpoint import CheckpointSpaceError
+    from rlhf_ray.data import DataError
+    from rlhf_ray.redaction import argv_secrets, environment_secrets, mask
+
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except ConfigError as err:
-        print(f"rlhf-ray: {err}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointSpaceError) as err:
+        print(f"rlhf-ray: {mask(str(err), environment_secrets() | argv_secrets(argv if argv is not None else sys.argv))}", file=sys.stderr)
         return 2
     return 0
 

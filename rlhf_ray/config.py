@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-SECRET_KEY_PATTERN = re.compile(r"(api_key|token|secret|password)", re.IGNORECASE)
-REDACTED = "***"
+from rlhf_ray.redaction import REDACTED, environment_secrets, is_secret_name, redact  # noqa: F401 (re-exported)
+from rlhf_ray.safe_yaml import YamlError, load_yaml_text, read_yaml_file, shorten
 
 
 class ConfigError(ValueError):
@@ -250,8 +249,15 @@ class RewardConfig(Section):
     functions: list[RewardFunctionConfig] = Field(default_factory=list)
     clip: float | None = Field(None, gt=0, description="Clip the combined reward to [-clip, clip].")
     normalize: bool = Field(False, description="Running mean/std normalisation of the reward.")
-    retries: int = Field(1, ge=0)
-    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(1, ge=0, description="Retries of a rule function that raised or returned a bad value.")
+    timeout_s: float = Field(60.0, gt=0, description="Per call of the reward actor, and per import of a rule "
+                             "function in its process (s).")
+    row_timeout_s: float = Field(10.0, gt=0, description="Per row of a rule function; a slower row is masked "
+                                 "and counted in reward/masked_rows (s).")
+    memory_mb: int = Field(4096, ge=0, description="Address-space cap of each rule function's process (MiB); "
+                           "0: none.")
+    env_passthrough: list[str] = Field(default_factory=list, description="Environment variables a rule function's "
+                                       "process receives besides PATH, locale and PYTHONPATH (none by default).")
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     kv_cache_space_gib: float = Field(0.5, gt=0, description="KV cache of the reward model's vLLM engine on CPU (GiB).")
@@ -280,6 +286,11 @@ class DatasetConfig(Section):
     answer_field: str = Field("answer", description="Ground truth for rule rewards and few-shot examples.")
     require_answer: bool = Field(False, description="Every prompt row must carry answer_field (rule rewards).")
     system_prompt: str = Field("", description="System message for the chat template; empty adds none.")
+    special_tokens: Literal["refuse", "escape"] = Field(
+        "refuse", description="Row text holding a special token's text (e.g. <|im_end|>): refuse: a bad row; escape: "
+        "tokenised as plain text (a zero-width space after its first character).",
+    )
+    max_chars: int = Field(1_000_000, ge=1, description="Characters per text field, checked before tokenising.")
 
 
 class DataConfig(Section):
@@ -310,8 +321,17 @@ class TrainConfig(Section):
         2, ge=0, description="Times `rlhf-ray train` resumes from the last complete checkpoint after a learner rank dies."
     )
     output_dir: str = "runs"
-    run_name: str = ""
+    run_name: str = Field("", description="Folder name of the run inside output_dir (one path component); "
+                          "empty: a time stamp.")
     seed: int = 0
+
+    @field_validator("run_name")
+    @classmethod
+    def _inside_output_dir(cls, name: str) -> str:
+        if name and (name in (".", "..") or "/" in name or "\\" in name or "\0" in name):
+            raise ValueError("must be one folder name inside train.output_dir (no '/', '..' or absolute path); "
+                             "fix: set train.output_dir to the parent folder and train.run_name to the last part")
+        return name
 
 
 class SupervisedConfig(Section):
@@ -450,6 +470,12 @@ class RunConfig(Section):
                 f"algorithm.name={self.algorithm.name} needs rollout.sampling.n >= 2 (a group per prompt), "
                 f"got {self.rollout.sampling.n}"
             )
+        if self.algorithm.name in ("grpo", "rloo") and self.rollout.sampling.temperature == 0:
+            raise ValueError(
+                f"algorithm.name={self.algorithm.name} with rollout.sampling.temperature=0 draws "
+                f"{self.rollout.sampling.n} identical greedy samples per prompt: every advantage is 0 and "
+                "nothing is learnt; fix: set rollout.sampling.temperature > 0 (e.g. 1.0)"
+            )
         if self.rollout.sampling.max_new_tokens >= self.model.max_model_len:
             raise ValueError(
                 f"rollout.sampling.max_new_tokens={self.rollout.sampling.max_new_tokens} leaves no room "
@@ -534,7 +560,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         loc = tuple(e["loc"])
-        dotted = ".".join(str(p) for p in loc) or "<root>"
+        dotted = ".".join(str(p)[:100] for p in loc) or "<root>"  # a key can be as long as the file
         if e["type"] == "extra_forbidden":
             parent = _section_at(loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), _all_keys(parent), n=1, cutoff=0.5)
@@ -544,7 +570,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"  {dotted}: unknown key; {hint}")
         else:
             value = e.get("input")
-            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            shown = "" if isinstance(value, dict) else f" (got {shorten(value)})"
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"  {dotted}: {msg}{shown}")
     return "\n".join(lines)
@@ -553,11 +579,14 @@ def _format_errors(err: ValidationError, source: str) -> str:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split `a.b.c=value` into a key path and a YAML-parsed value."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+        raise ConfigError(f"override {shorten(text)} is not of the form key.path=value")
     key, raw = text.split("=", 1)
     if not key:
-        raise ConfigError(f"override {text!r} has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw else ""
+        raise ConfigError(f"override {shorten(text)} has an empty key")
+    try:
+        return key.split("."), load_yaml_text(raw, f"override {key}") if raw else ""
+    except YamlError as err:
+        raise ConfigError(f"{err}; the value is read as YAML: quote it, e.g. {key}='\"...\"'") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -567,7 +596,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: '{part}' is a value, not a section")
+                raise ConfigError(f"override {shorten(text)}: '{part}' is a value, not a section")
             node = child
         node[path[-1]] = value
     return data
@@ -587,36 +616,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+            raise ConfigError(f"config file {shorten(str(p))} does not exist; fix: check the path")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from None
+            data = read_yaml_file(p) or {}
+        except YamlError as err:
+            raise ConfigError(f"config file {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
         source = str(p)
     return validate_config(apply_overrides(data, list(overrides or [])), source)
-
-
-def redact(obj: Any, secret_values: set[str] | None = None) -> Any:
-    """Replace values of secret-looking keys, and any known secret value, with '***'."""
-    secrets = secret_values if secret_values is not None else environment_secrets()
-    if isinstance(obj, dict):
-        return {
-            k: REDACTED if SECRET_KEY_PATTERN.search(str(k)) and v else redact(v, secrets)
-            for k, v in obj.items()
-        }
-    if isinstance(obj, (list, tuple)):
-        return [redact(v, secrets) for v in obj]
-    if isinstance(obj, str):
-        for s in secrets:
-            obj = obj.replace(s, REDACTED)
-    return obj
-
-
-def environment_secrets() -> set[str]:
-    """Values of secret-looking environment variables (at least 6 characters, so masking stays meaningful)."""
-    return {v for k, v in os.environ.items() if SECRET_KEY_PATTERN.search(k) and len(v) >= 6}
 
 
 def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> None:

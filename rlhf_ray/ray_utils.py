@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import ray
 
 from rlhf_ray.config import ClusterConfig
 from rlhf_ray.console import apply_worker_output, routed_worker_output
+from rlhf_ray.worker_secrets import secrets_runtime_env
 
 
 class ActorCallError(RuntimeError):
@@ -36,8 +36,8 @@ def init_ray(cluster: ClusterConfig | None = None) -> None:
     cluster = cluster or ClusterConfig()
     if ray.is_initialized():
         return
-    env_vars = {k: os.environ[k] for k in cluster.env_passthrough if k in os.environ}
-    runtime_env = {"env_vars": env_vars} if env_vars else None
+    # Never runtime-env variables: Ray logs those in plain text (see rlhf_ray.worker_secrets).
+    runtime_env = secrets_runtime_env(cluster.env_passthrough) or None
     quiet = {"logging_level": logging.WARNING} if routed_worker_output() else {}  # Ray's own start-up lines
     if cluster.address:
         ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=True, **quiet)

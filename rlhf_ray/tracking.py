@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import wandb
 
-from rlhf_ray.config import REDACTED, SECRET_KEY_PATTERN, TrackingConfig, environment_secrets, redact
+from rlhf_ray.config import TrackingConfig
+from rlhf_ray.redaction import environment_secrets, mask, redact, secret_values_in
 
 
 log = logging.getLogger(__name__)
@@ -264,10 +266,7 @@ class SecretFilter(logging.Filter):
         self.extra = {s for s in extra if len(s) >= 6}
 
     def mask(self, text: str) -> str:
-        # Longest first, so a secret containing another is masked whole.
-        for secret in sorted(environment_secrets() | self.extra, key=len, reverse=True):
-            text = text.replace(secret, REDACTED)
-        return text
+        return mask(text, environment_secrets() | self.extra)
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
@@ -300,18 +299,14 @@ def install_secret_filter(extra: Iterable[str] = ()) -> SecretFilter:
     return secret_filter
 
 
-def _secret_values(obj: Any) -> set[str]:
-    """String values under secret-looking keys anywhere in a nested config dict."""
-    if isinstance(obj, dict):
-        found = set()
-        for k, v in obj.items():
-            if SECRET_KEY_PATTERN.search(str(k)) and isinstance(v, str):
-                found.add(v)
-            found |= _secret_values(v)
-        return found
-    if isinstance(obj, (list, tuple)):
-        return set().union(*map(_secret_values, obj))
-    return set()
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", -1))
+    except (ValueError, AttributeError, TypeError):
+        return -1  # a line cut by a kill mid-write
 
 
 class Tracker:
@@ -325,21 +320,45 @@ class Tracker:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.secret_filter = install_secret_filter(_secret_values(config_dict))
+        self.secret_filter = install_secret_filter(secret_values_in(config_dict))
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a")  # append: a resumed run continues the file
         self.run = None
         if cfg.backend == "wandb":
             secrets = environment_secrets() | self.secret_filter.extra
             self.run = wandb.init(
+                id=self.wandb_run_id(), resume="allow",  # a resumed run continues its W&B run
                 project=redact(cfg.project, secrets),
                 entity=redact(cfg.entity, secrets) or None,
                 name=redact(run_name, secrets),
                 dir=str(self.run_dir),
                 mode=cfg.mode,
                 config=redact(config_dict, secrets),
-                # Console capture would copy anything printed (secrets included) into the run's files.
-                settings=wandb.Settings(console="off", silent=True),
+                # Console capture would copy anything printed (secrets included) into the run's files, and
+                # the metadata holds the raw command line (an override may carry a secret).
+                settings=wandb.Settings(console="off", silent=True, x_disable_meta=True, disable_git=True),
             )
+
+    def wandb_run_id(self) -> str:
+        """The W&B run id kept in `run_dir/wandb_run_id` (created on first use), so a resume continues that run."""
+        path = self.run_dir / WANDB_ID_FILE
+        if path.is_file():
+            return path.read_text().strip()
+        run_id = secrets.token_hex(4)
+        path.write_text(run_id + "\n")
+        return run_id
+
+    def rewind(self, step: int) -> int:
+        """Drop metrics.jsonl lines of steps >= `step` (logged after the checkpoint a run resumes from), so
+        each step appears once; the file is replaced atomically. Returns the number of lines dropped."""
+        path = self.run_dir / "metrics.jsonl"
+        self._jsonl.close()
+        lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+        kept = [line for line in lines if 0 <= _step_of(line) < step]  # a half-written line goes too
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self._jsonl = open(path, "a")
+        return len(lines) - len(kept)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Record one step's metrics (names from `METRICS`) as a metrics.jsonl line and in W&B."""

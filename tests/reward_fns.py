@@ -36,3 +36,24 @@ def nan_every_other_call(prompt, response, row):
 def brevity_on_odd_rows(prompt, response, row):
     """The same score for every sample of an even row (a group without signal), brevity for odd rows."""
     return 0.0 if row["i"] % 2 == 0 else -len(response) / 100.0
+
+
+def slow_on_row_1(prompt, response, row):
+    """Hangs (60 s) on the row with i == 1: the per-row timeout must mask it, not end the run."""
+    import time
+
+    if row["i"] == 1:
+        time.sleep(60)
+    return 1.0
+
+
+def hogs_memory(prompt, response, row):
+    """Asks for 2 GiB at once: over a memory cap it raises MemoryError in its own process."""
+    return float(len(bytearray(2 << 30)))
+
+
+def secret_length(prompt, response, row):
+    """The length of WANDB_API_KEY as the function sees it (0: not inherited)."""
+    import os
+
+    return float(len(os.environ.get("WANDB_API_KEY", "")))

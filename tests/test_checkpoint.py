@@ -148,6 +148,9 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, fail, error):
             fail(tmp)
     if fail is _fail_with_disk_full:
         assert info.value.errno == errno.ENOSPC
+        assert "no space left on the device while saving checkpoint step 2" in str(info.value)
+        assert f"the newest complete checkpoint, {tmp_path / 'step_000001'}, is intact" in str(info.value)
+        assert "fix: free space there or move train.output_dir" in str(info.value)
     assert [p.name for p in tmp_path.iterdir()] == ["step_000001"]
     assert {p: p.read_bytes() for p in (tmp_path / "step_000001").rglob("*") if p.is_file()} == before
     assert latest_complete(tmp_path) == tmp_path / "step_000001"

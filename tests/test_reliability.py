@@ -15,6 +15,7 @@ from typing import Callable
 import psutil
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from rlhf_ray.checkpoint import CheckpointWriter, latest_complete, save_state
 from rlhf_ray.config import ConfigError, ModelConfig, RewardConfig, load_config
@@ -54,7 +55,10 @@ def model_dir(tmp: Path, weights: tuple[str, ...] = ("model.safetensors",), toke
     folder.mkdir()
     (folder / "config.json").write_text(config if config is not None else json.dumps({"max_position_embeddings": 512}))
     for name in weights:
-        (folder / name).write_bytes(pickle.dumps(Exploit(tmp / "pwned")) if name.endswith(".bin") else b"{}")
+        if name.endswith(".bin"):
+            (folder / name).write_bytes(pickle.dumps(Exploit(tmp / "pwned")))
+        else:
+            save_file({"w": torch.zeros(2)}, str(folder / name))
     if tokenizer:
         (folder / "tokenizer.json").write_text("{}")
     return str(folder)

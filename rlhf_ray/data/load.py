@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from rlhf_ray.config import DatasetConfig
 from rlhf_ray.data.sources import DataError, read_records
+from rlhf_ray.data.text_guard import guard_row_text, special_token_strings
 from rlhf_ray.prompts import (
     RowError,
     TemplateError,
@@ -211,6 +212,7 @@ def load_dataset(
         raise DataError(f"{cfg.path}: no rows (fix: point `path` to a file with at least {min_rows} rows)")
     pool = load_pool(cfg, [r for _, r in records if isinstance(r, dict)])
 
+    specials = special_token_strings(tokenizer)
     rows, prompts, prompt_ids = [], [], []
     skipped: Counter[str] = Counter()
     first_error = ""
@@ -218,6 +220,8 @@ def load_dataset(
         try:
             if isinstance(row, RowError):
                 raise row
+            if isinstance(row, dict):  # length and special tokens, before any tokenising
+                row = guard_row_text(row, cfg, specials)
             source, targets = validate_row(row, kind, cfg)
             question = str(source.get(cfg.prompt_field, ""))
             text = format_prompt(source, cfg, tokenizer, pool, example_rng(seed, question))

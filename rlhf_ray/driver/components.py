@@ -30,6 +30,7 @@ from rlhf_ray.driver.plan import weight_sync_backend
 from rlhf_ray.sizing import colocated_bundle
 from rlhf_ray.hardware import compute_runtime_env
 from rlhf_ray.driver.preflight import check_cluster, preflight
+from rlhf_ray.driver.run_folder import run_dir_for  # noqa: F401 (callers import it from here)
 from rlhf_ray.ray_utils import get_with_timeout, init_ray
 from rlhf_ray.rewards import RewardNormalizer
 from rlhf_ray.driver.step_guard import StepGuard
@@ -228,6 +229,7 @@ def restore_checkpoint(c: RunComponents, kl_ctl: FixedKLController | AdaptiveKLC
     path = latest_complete(c.checkpoints.root)
     if path is None:
         log.warning("--resume: no complete checkpoint under %s; starting at step 0", c.checkpoints.root)
+        c.tracker.rewind(0)
         return 0
     tensors, meta = load_state(path / "driver")
     c.policy.load(str(path / "policy"))
@@ -240,17 +242,8 @@ def restore_checkpoint(c: RunComponents, kl_ctl: FixedKLController | AdaptiveKLC
     restore_rng(tensors, meta["rng"])
     c.pool.step = int(meta["pool_step"])
     c.broadcaster.broadcast(version=int(meta["policy_version"]))
-    log.info("resumed from %s (step %d, policy version %d)", path, meta["step"], meta["policy_version"])
+    dropped = c.tracker.rewind(int(meta["step"]))  # steps logged after this checkpoint are run again
+    log.info("resumed from %s (step %d, policy version %d; %d later metric lines dropped)", path, meta["step"],
+             meta["policy_version"], dropped)
     print(json.dumps({"resumed_from": str(path), "step": meta["step"]}), flush=True)
     return int(meta["step"])
-
-
-def run_dir_for(cfg: RunConfig) -> Path:
-    name = cfg.train.run_name or time_stamp()
-    return Path(cfg.train.output_dir) / name
-
-
-def time_stamp() -> str:
-    import time
-
-    return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -19,7 +20,8 @@ from typing import Any, Literal, Mapping
 
 from packaging.requirements import Requirement
 
-from rlhf_ray.config import ConfigError, environment_secrets, load_config, redact
+from rlhf_ray.config import ConfigError, load_config
+from rlhf_ray.redaction import REDACTED, environment_secrets, mask, redact
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -113,16 +115,21 @@ def build_submission(
     return Submission(entrypoint, runtime_env, tuple(packages), tuple(env_vars))
 
 
+def hide_url_credentials(text: str) -> str:
+    """`scheme://user:token@host` -> `scheme://***@host`: a package URL may carry a token."""
+    return re.sub(r"(?<=://)[^/@\s]+@", f"{REDACTED}@", text)
+
+
 def describe(sub: Submission, address: str) -> str:
-    """What is about to be submitted, with forwarded variables by name only."""
+    """What is about to be submitted, with forwarded variables by name only and no credentials of URLs."""
     installer = next((k for k in ("pip", "uv") if k in sub.runtime_env), None)
-    return "\n".join([
+    return mask(hide_url_credentials("\n".join([
         f"submitting to {address}",
         f"  entrypoint   {sub.entrypoint}",
         f"  working_dir  {sub.runtime_env['working_dir']} (without {', '.join(EXCLUDES)})",
         f"  {installer or 'install':<12} {', '.join(sub.packages) if installer else 'nothing (--no-install)'}",
         f"  env vars     {', '.join(sub.env_names) + ' (values not shown)' if sub.env_names else 'none'}",
-    ])
+    ])), environment_secrets())
 
 
 def _follow(client: Any, job_id: str, secrets: set[str]) -> str:

@@ -78,11 +78,17 @@ def check_vllm() -> None:
         )
 
 
-def check_model_folder(path: str, field_name: str, max_model_len: int | None = None, tokenizer: bool = False) -> None:
+def check_model_folder(
+    path: str, field_name: str, max_model_len: int | None = None, tokenizer: bool = False,
+    trust_remote_code: bool = False,
+) -> None:
     """A local HF model folder with safetensors weights (pickle formats are refused, never loaded).
 
     max_model_len: also refuse a context longer than the model's `max_position_embeddings`.
     tokenizer: also require the tokenizer files next to the model.
+    trust_remote_code: allow a folder whose config names its own code (`auto_map`).
+    Then every *.safetensors file's header is read (a truncated file is refused) and the tokenizer's
+    largest token id is compared with the model's `vocab_size`.
     """
     if not path:
         raise ConfigError(f"{field_name} is empty; fix: set it to a local Hugging Face model folder")
@@ -121,15 +127,84 @@ def check_model_folder(path: str, field_name: str, max_model_len: int | None = N
             f"{field_name}={path!r} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); fix: save it next to the "
             "model with `tokenizer.save_pretrained(path)`"
         )
+    check_no_remote_code(folder, field_name, trust_remote_code)
+    for weights in sorted(folder.glob("*.safetensors")):
+        check_safetensors_file(weights)
+    check_tokenizer_fits(folder, config)
+
+
+def check_no_remote_code(folder: Path, field_name: str, trust_remote_code: bool) -> None:
+    """A folder whose config.json or tokenizer_config.json has `auto_map` ships Python code to run."""
+    if trust_remote_code:
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        file = folder / name
+        try:
+            auto_map = json.loads(file.read_text()).get("auto_map") if file.is_file() else None
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            auto_map = None
+        if auto_map:
+            names = ", ".join(sorted(map(str, auto_map))[:4]) if isinstance(auto_map, dict) else "custom classes"
+            raise ConfigError(
+                f"{field_name}={str(folder)!r}: {name} has auto_map ({names}): the model ships its own Python code, "
+                "which is never run while model.trust_remote_code=false; fix: use a model whose architecture "
+                "transformers ships, or set model.trust_remote_code=true only if you trust that code"
+            )
+
+
+def check_safetensors_file(path: Path) -> None:
+    """The header of a safetensors file parses and the tensors it lists end exactly at the file's end."""
+    size = path.stat().st_size
+    problem = ""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            problem = f"{size} bytes, too short for its header"
+        else:
+            try:
+                header = json.loads(f.read(n))
+                ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+                header, ends = None, []
+                problem = "its header is not valid safetensors JSON"
+            if header is not None and 8 + n + max(ends, default=0) > size:
+                problem = f"{size} bytes, but its header lists tensors up to byte {8 + n + max(ends)} (truncated)"
+    if problem:
+        raise ConfigError(f"{path}: not a complete safetensors file ({problem}); fix: copy or download it again")
+
+
+def check_tokenizer_fits(folder: Path, config: dict) -> None:
+    """Every token id of tokenizer.json must have a row in the model's embedding (`vocab_size`)."""
+    file = folder / "tokenizer.json"
+    vocab_size = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    if not file.is_file() or not isinstance(vocab_size, int):
+        return
+    try:
+        tok = json.loads(file.read_text())
+        vocab = (tok.get("model") or {}).get("vocab") or {}
+        ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
+        ids += [int(t["id"]) for t in tok.get("added_tokens") or []]
+    except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+        raise ConfigError(f"{file}: not a valid tokenizer.json; fix: re-save the tokenizer with save_pretrained") from None
+    largest = max((i for i in ids if isinstance(i, int)), default=-1)
+    if largest >= vocab_size:
+        raise ConfigError(
+            f"{file}: the tokenizer has token ids up to {largest}, but the model's embedding has vocab_size="
+            f"{vocab_size} rows (config.json); fix: use the tokenizer saved with this model, or resize the "
+            "model's embeddings (`model.resize_token_embeddings(len(tokenizer))`) and save it again"
+        )
 
 
 def check_reward_functions(cfg: RewardConfig) -> None:
-    """Import every configured rule reward by its dotted path now, not inside the reward actor later."""
-    from rlhf_ray.rewards import RewardFunctionError, load_reward_fn
+    """Import every configured rule reward by its dotted path now, in a child process as a run does (so an
+    import that raises, hangs or calls sys.exit is reported here), not inside the reward actor later."""
+    from rlhf_ray.reward_process import check_reward_import
+    from rlhf_ray.rewards import RewardFunctionError
 
     for i, fn in enumerate(cfg.functions):
         try:
-            load_reward_fn(fn.path)
+            check_reward_import(fn.path, cfg)
         except RewardFunctionError as err:
             raise ConfigError(
                 f"reward.functions[{i}].path: {err}; fix: name an importable function as 'package.module:function' "
@@ -166,8 +241,9 @@ def preflight(cfg: RunConfig, run_dir: Path) -> None:
     """Every check that needs no Ray cluster, cheapest first."""
     check_versions()
     check_vllm()
-    check_model_folder(cfg.model.policy_path, "model.policy_path", cfg.model.max_model_len, tokenizer=True)
+    remote = cfg.model.trust_remote_code
+    check_model_folder(cfg.model.policy_path, "model.policy_path", cfg.model.max_model_len, True, remote)
     if cfg.reward.use_model:
-        check_model_folder(cfg.model.reward_path, "model.reward_path", cfg.model.max_model_len)
+        check_model_folder(cfg.model.reward_path, "model.reward_path", cfg.model.max_model_len, False, remote)
     check_reward_functions(cfg.reward)
     check_output_dir(run_dir)
