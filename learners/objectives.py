@@ -9,7 +9,7 @@ ranks into exactly the minibatch aggregate (see `training.py`).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -6,7 +6,7 @@ import pytest
 from test_prompts import make_tokenizer
 
 from rlhf_ray.cli import main
-from rlhf_ray.config import ConfigError, load_config
+from rlhf_ray.config import ConfigError
 from rlhf_ray.driver.evaluate import ALL_TEMPLATES, TEXT_TEMPLATES, default_templates, parse_templates
 
 

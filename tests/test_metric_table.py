@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from transformers import AutoTokenizer
 
 from rlhf_ray.config import load_config

@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from netns_cluster import SUBNET, WORKER_PORTS, NetnsCluster, Node
 from rlhf_ray.recipes.synthetic import prompt_rows

@@ -7,7 +7,6 @@ which run the same probe on every broadcast.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import pytest

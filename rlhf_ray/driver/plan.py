@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any
 
 from rlhf_ray.config import RunConfig
 from rlhf_ray.sizing import BUILTIN, BatchMath, ResourceRequest, batch_math, resource_requests
