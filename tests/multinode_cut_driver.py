@@ -17,10 +17,8 @@ import time
 import ray
 import torch
 
-from actors.rollout_pool import RolloutPool
-from learners import LearnerGroup
-from rlhf_ray.config import LearnerConfig, ModelConfig, RolloutConfig, SamplingConfig, WeightSyncConfig
-from rlhf_ray.driver.broadcaster import WeightBroadcaster
+from rlhf_ray.config import LearnerConfig, ModelConfig, RolloutConfig, SamplingConfig
+from synced_pool import synced_pool
 
 
 def say(**msg: object) -> None:
@@ -30,16 +28,10 @@ def say(**msg: object) -> None:
 def main(address: str, model_dir: str) -> None:
     ray.init(address=address, log_to_driver=False)
     model_cfg = ModelConfig(policy_path=f"{model_dir}/policy", max_model_len=64)
-    policy = LearnerGroup("policy", model_cfg.policy_path,
-                          LearnerConfig(lr=5e-3, micro_batch_size=4, minibatch_size=4, resources={"learner": 1}), model_cfg)
+    learner_cfg = LearnerConfig(lr=5e-3, micro_batch_size=4, minibatch_size=4, resources={"learner": 1})
     rollout_cfg = RolloutConfig(num_actors=1, resources={"rollout": 1}, kv_cache_space_gib=0.25, max_replacements=1,
                                 call_timeout_s=300, sampling=SamplingConfig(n=2, max_new_tokens=8))
-    pool = RolloutPool(model_cfg, rollout_cfg)
-    sync = WeightBroadcaster(policy, pool, WeightSyncConfig(bucket_mb=0.05, timeout_s=60))
-    pool.joiner = sync.add_actors
-    ids = torch.randint(5, 400, (4, 12), generator=torch.Generator().manual_seed(0))
-    policy.sft_step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)})
-    sync.broadcast()
+    pool, policy, sync = synced_pool(model_cfg, learner_cfg, rollout_cfg)
     say(ready={m.name: m.node_ip for m in pool.members}, version=pool.version)
     sys.stdin.readline()
 

@@ -31,11 +31,12 @@ from actors.rollout_pool import RolloutPool
 from learners import LearnerGroup
 from rlhf_ray import cli
 from rlhf_ray.driver.broadcaster import WeightBroadcaster
-from rlhf_ray.config import LearnerConfig, ModelConfig, RolloutConfig, RunConfig, SamplingConfig, WeightSyncConfig, load_config
+from rlhf_ray.config import LearnerConfig, ModelConfig, RolloutConfig, RunConfig, SamplingConfig, load_config
 from rlhf_ray.driver.recovery import read_scale_request, write_scale_request
 from rlhf_ray.ray_utils import ActorCallError
 from rlhf_ray.driver.supervisor import train_supervised
 from rlhf_ray.recipes.synthetic import prompt_rows
+from synced_pool import synced_pool as build_synced_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,15 +84,9 @@ def when(condition: Callable[[], bool], action: Callable[[], None], timeout_s: f
 def synced_pool(tiny_model_dir: Path, ray_cluster: None) -> Iterator[tuple[RolloutPool, LearnerGroup, WeightBroadcaster]]:
     """Two rollout actors serving policy version 1 (weights the learner changed); replacements load the learner's."""
     model_cfg = ModelConfig(policy_path=str(tiny_model_dir / "policy"), max_model_len=64)
-    policy = LearnerGroup("policy", model_cfg.policy_path, LearnerConfig(lr=5e-3, micro_batch_size=4, minibatch_size=4), model_cfg)
     rollout_cfg = RolloutConfig(num_actors=2, kv_cache_space_gib=0.25, max_replacements=1,
                                 sampling=SamplingConfig(n=2, max_new_tokens=8))
-    pool = RolloutPool(model_cfg, rollout_cfg)
-    sync = WeightBroadcaster(policy, pool, WeightSyncConfig(bucket_mb=0.05, timeout_s=60))
-    pool.current_weights = policy.export_weights
-    ids = torch.randint(5, 400, (4, 12), generator=torch.Generator().manual_seed(0))
-    policy.sft_step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)})
-    sync.broadcast()
+    pool, policy, sync = build_synced_pool(model_cfg, LearnerConfig(lr=5e-3, micro_batch_size=4, minibatch_size=4), rollout_cfg)
     yield pool, policy, sync
     pool.shutdown()
     policy.shutdown()
