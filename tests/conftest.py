@@ -50,3 +50,30 @@ def netns_cluster() -> Iterator["NetnsCluster"]:
         yield cluster
     finally:
         print(f"\nnetns test bed torn down in {cluster.stop():.1f}s")
+
+
+@pytest.fixture(scope="session")
+def dapo_run_metrics(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> list[dict]:
+    """metrics.jsonl rows of a 2-step DAPO run through the real pool (dynamic sampling, overlong shaping and
+    filtering): half of every 4 prompts score the same on all samples (`reward_fns:brevity_on_odd_rows`).
+    Shared by the dynamic-sampling test and the metric-table test, so the run happens once."""
+    import json
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.driver.loop import train
+
+    tmp = tmp_path_factory.mktemp("dapo")
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Describe thing {i}.", "i": i}) + "\n" for i in range(64)))
+    cfg = load_config(None, [
+        f"model.policy_path={tiny_model_dir / 'policy'}", "model.max_model_len=64", "algorithm.name=dapo",
+        "algorithm.dynamic_sampling_max_rounds=4", "algorithm.overlong_buffer=4", "algorithm.overlong_filter=true",
+        "reward.use_model=false", "reward.functions=[{path: 'reward_fns:brevity_on_odd_rows'}]",
+        f"data.prompts.path={prompts}", "data.prompts.template=chat", "data.shuffle=false",
+        "rollout.kv_cache_space_gib=0.25", "rollout.sampling.n=4", "rollout.sampling.max_new_tokens=12",
+        "learner.micro_batch_size=16", "learner.minibatch_size=16",
+        "train.steps=2", "train.prompts_per_step=4", f"train.output_dir={tmp}", "train.run_name=dapo",
+        "tracking.backend=none", "cluster.num_cpus=8",
+    ])
+    train(cfg, tmp / "dapo")
+    return [json.loads(line) for line in (tmp / "dapo" / "metrics.jsonl").read_text().splitlines()]

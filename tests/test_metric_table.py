@@ -1,7 +1,8 @@
 """The metric table (tracking.METRICS, rendered in the README) against what the code really logs.
 
 Names are collected from a short real PPO run (every RL stage: rollout, reward model and a rule function,
-reference, policy and critic updates, broadcast), from the supervised stages (pretrain, SFT with held-out
+reference, policy and critic updates, broadcast), from the shared DAPO run (dynamic sampling, overlong
+shaping; `dapo_run_metrics` in conftest.py), from the supervised stages (pretrain, SFT with held-out
 rows, reward model with held-out groups) and from `rlhf-ray eval`'s scoring, each run for real on the tiny
 model. Every name logged must have an entry, and every entry must be logged by one of them.
 """
@@ -80,9 +81,9 @@ def _stages(tiny_model_dir: Path, tmp: Path) -> set[str]:
 
 
 def test_every_logged_metric_is_documented_and_every_documented_one_is_logged(
-    tiny_model_dir: Path, tmp_path: Path, ray_cluster: None
+    tiny_model_dir: Path, tmp_path: Path, ray_cluster: None, dapo_run_metrics: list[dict]
 ):
-    ppo = _ppo_run(tiny_model_dir, tmp_path)
+    ppo = _ppo_run(tiny_model_dir, tmp_path) | {name for row in dapo_run_metrics for name in row}
     assert {"train/value_loss", "train/critic_grad_norm", f"reward/{BREVITY}_mean", "reward/model_mean"} <= ppo
     stages = _stages(tiny_model_dir, tmp_path)
     logged = ppo | stages
