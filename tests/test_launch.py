@@ -9,6 +9,7 @@ import json
 import shlex
 import socket
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Iterator
 
@@ -56,7 +57,8 @@ def test_submission_runtime_env_and_entrypoint():
     env = sub.runtime_env
     assert env["working_dir"] == str(PROJECT_ROOT)
     assert {".venv/", "runs/", "wandb/", ".git/"} <= set(env["excludes"])
-    assert "vllm>=0.11" in env["pip"] and "deepspeed>=0.17" in env["pip"]
+    gpu_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert set(gpu_extra) <= set(env["pip"]) and "deepspeed>=0.17" in env["pip"]  # the GPU extra's pinned vLLM
     assert not any(p.split(">")[0].split("=")[0] == "ray" for p in env["pip"])  # the cluster's Ray runs the job
     assert env["env_vars"] == {"WANDB_API_KEY": SECRET}  # only names listed in cluster.env_passthrough
     assert sub.env_names == ("WANDB_API_KEY",)

@@ -171,10 +171,10 @@ def test_nan_advantages_skip_the_step_and_leave_weights_untouched(layout, reques
 def test_nonfinite_gradient_on_one_rank_is_skipped_on_all(layout, request, batch):
     group = request.getfixturevalue(layout)
     exp = one_minibatch(batch, group)
-    # A finite experience whose ratio overflows on one token of one row (so on one rank): with a
-    # positive advantage the clipped loss stays finite, but its gradient is 0 * inf = NaN.
-    exp["old_logprobs"][3, 0] = -1e30
-    exp["advantages"][3, 0] = 1.0
+    # A finite experience whose gradient overflows on one token of one row (so on one rank): an advantage
+    # near the float32 maximum keeps the loss finite (the ratio is about 1, inside the clip), but the
+    # squared gradients of the norm overflow. (A ratio overflow no longer does it: the log-ratio is clamped.)
+    exp["advantages"][3, 0] = 3e38
     before = weights(group)
     metrics = group.ppo_update(exp)
     assert metrics["train/skipped_steps"] == 2.0
