@@ -85,7 +85,7 @@ METRICS: dict[str, str] = {
     "train/policy_loss": "Clipped policy-gradient loss (nats-weighted advantage).",
     "train/value_loss": "Critic value loss, PPO only (squared reward units).",
     "train/clipfrac": "Fraction of tokens whose probability ratio was clipped (0-1).",
-    "train/approx_kl": "KL(old ‖ new) between the policy before and after the update, k3 estimator mean(r - 1 - log r) over response tokens (nats/token); not logged by GSPO.",
+    "train/approx_kl": "KL(old ‖ new) between the policy before and after the update, k3 estimator mean(r - 1 - log r) over response tokens; not logged by GSPO (nats/token).",
     "train/ppo_kl": "The same KL as the k1 estimator mean(log π_old - log π_new), what OpenRLHF and veRL log as ppo_kl (nats/token).",
     "train/entropy": "Policy entropy on the response tokens (nats/token).",
     "train/grad_norm": "Policy gradient norm before clipping (L2).",
