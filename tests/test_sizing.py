@@ -7,7 +7,7 @@ import pytest
 from rlhf_ray.cli import main
 from rlhf_ray.config import ConfigError, load_config
 from rlhf_ray.driver.cluster_plan import load_cluster_spec
-from rlhf_ray.driver.sizing import GIB, Assumptions, learner_bytes, load_shape, rollout_memory, step_seconds
+from rlhf_ray.driver.memory_estimate import GIB, Assumptions, learner_bytes, load_shape, rollout_memory, step_seconds
 
 RECIPE = "configs/qwen2.5-1.5b-grpo.yaml"
 QWEN_1_5B = "configs/models/qwen2.5-1.5b.json"

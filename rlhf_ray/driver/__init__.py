@@ -11,7 +11,7 @@ the recipes and the benchmark.
     evaluate.py     `rlhf-ray eval`: the chat template and zero/few-shot/CoT scored on held-out prompts
     plan.py         config -> Ray resource requests, placement, transport and batch arithmetic
     cluster_plan.py `rlhf-ray plan --cluster SPEC`: the plan on node pools from a file, no Ray needed
-    sizing.py       memory per GPU and step time from the model's shape (the arithmetic, stated)
+    memory_estimate.py  memory per GPU and step time from the model's shape (the arithmetic, stated)
     preflight.py    checks before anything heavy starts: versions, model folders, rewards, cluster
     launch.py       `rlhf-ray submit`: a run on a Ray cluster through the Jobs API
     supervisor.py   resuming from the last complete checkpoint when a learner rank dies

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rlhf_ray.config import ConfigError, RunConfig
 from rlhf_ray.driver.plan import Plan, PlanError, make_plan
-from rlhf_ray.driver.sizing import (
+from rlhf_ray.driver.memory_estimate import (
     GIB,
     Assumptions,
     ModelShape,
