@@ -22,7 +22,7 @@ demo: install
 	$(VENV)/bin/rlhf-ray demo
 
 test: install
-	$(PY) -m pytest -q tests -m "not bench"
+	$(PY) -m pytest -q tests -m "not bench" --durations=25
 
 test-all: install
 	$(PY) -m pytest -q tests
