@@ -214,7 +214,7 @@ def test_learner_node_lost_mid_update_stops_the_run_naming_it_and_resume_continu
     watcher.join(timeout=1)
     assert cut_at, "node1 was never cut: " + out.stdout[-2000:] + out.stderr[-3000:]
     node1, node5 = cluster.nodes["node1"].ip, f"{SUBNET}.15"
-    message = out.stderr.strip().splitlines()[-1]
+    message = next((line for line in out.stderr.splitlines() if line.startswith("rlhf-ray: ")), out.stderr[-3000:])
     print(f"\nlearner node cut {stopped - cut_at[0]:.1f}s before the run stopped, exit {out.returncode}: {message}")
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-3000:]
     assert message.startswith(f"rlhf-ray: learner rank policy-learner-0 on node {node1} died at step 3 and "
