@@ -40,11 +40,15 @@ def grpo_args(model_dir: Path, out: Path, run_name: str, address: str, *extra: s
 
 
 class ListenerWatch:
-    """Polls `ss -ltnp` in every namespace while a run goes: {node: {(local address, pid, process name)}}."""
+    """Polls `ss -ltnp` in every namespace while a run goes: {node: {(local address, pid, process name)}}.
+
+    Each listener's command line is read while its process lives (`cmdlines`): after the run the driver is gone.
+    """
 
     def __init__(self, cluster: NetnsCluster) -> None:
         self.cluster = cluster
         self.seen: dict[str, set[tuple[str, int, str]]] = {n: set() for n in cluster.nodes}
+        self.cmdlines: dict[int, str] = {}
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
@@ -52,7 +56,9 @@ class ListenerWatch:
     def _poll(self) -> None:
         while not self.done.is_set():
             for node in self.cluster.nodes:
-                self.seen[node] |= set(self.cluster.listeners(node))
+                rows = set(self.cluster.listeners(node))
+                self.seen[node] |= rows
+                self.cmdlines |= {pid: cmdline(pid) for _, pid, _ in rows if not self.cmdlines.get(pid)}
             time.sleep(0.5)
 
     def stop(self) -> dict[str, set[tuple[str, int, str]]]:
@@ -106,7 +112,7 @@ def test_grpo_across_nodes_syncs_weights_from_the_learner_node_to_the_rollout_no
     for node, rows_ in seen.items():
         for local, pid, name in rows_:
             port = int(local.rsplit(":", 1)[1])
-            project = pid in actor_of or "rlhf_ray.cli" in cmdline(pid)
+            project = pid in actor_of or "rlhf_ray.cli" in watch.cmdlines.get(pid, "")
             ray_worker_port = WORKER_PORTS[0] <= port <= WORKER_PORTS[1]
             row = (node, local, actor_of.get(pid, name))  # an actor's process was "ray::IDLE" at first
             (ours if project and not ray_worker_port else rays).add(row)
