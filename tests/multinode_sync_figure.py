@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -107,7 +108,8 @@ def main() -> None:
         sys.exit(f"no test bed: {why}")
     shape = dataclasses.replace(FULL, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64,
                                 num_kv_heads=2)
-    policy = build_policy(shape, Path(tempfile.mkdtemp(prefix="rlmn_sync_model_")))
+    model_dir = Path(tempfile.mkdtemp(prefix="rlmn_sync_model_"))
+    policy = build_policy(shape, model_dir)
     cluster = NetnsCluster(default_nodes()[:3])  # head, node1 (learner), node2 (rollout)
     try:
         cluster.start()
@@ -122,6 +124,7 @@ def main() -> None:
         print(json.dumps(result))
     finally:
         print(f"test bed down in {cluster.stop():.1f}s", file=sys.stderr)
+        shutil.rmtree(model_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
