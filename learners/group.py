@@ -80,6 +80,7 @@ class LearnerGroup:
         # nice 0 and a dense-compute OpenMP policy (rlhf_ray/hardware.py)
         actor_cls = ray.remote(**ray_options(bundle), runtime_env=compute_runtime_env())(LearnerWorker)
         self.names = [f"{role}-learner-{i}" for i in range(n)]
+        self.node_ips: dict[str, str] = {}  # each rank's node address, known once setup has answered
         self.workers = [
             actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i)).remote(
                 LearnerSpec(i, n, role, model_path, learner_cfg, model_cfg, self.algo, total_steps)
@@ -89,6 +90,7 @@ class LearnerGroup:
         try:
             address, port = self._each("rendezvous", [()], "rendezvous")[0]
             self.info = self._each("setup", [(address, port)] * n, "setup")[0]
+            self.node_ips = {name: w["node_ip"] for name, w in self.where().items()}  # to name a lost rank's node
         except BaseException:
             self._release()
             raise
@@ -114,9 +116,12 @@ class LearnerGroup:
             dead = self.dead_ranks()
             if not dead:
                 raise
+            nodes = {name: self.node_ips[name] for name in dead if name in self.node_ips}
+            lost = "; ".join(f"{name} was on node {nodes.get(name, '(unknown)')}" for name in dead)
             if isinstance(err, ActorCallError) and all(f"{name} died" in str(err) for name in dead):
-                raise LearnerRankError(str(err), dead, dead) from err
-            raise LearnerRankError(f"{what} failed: {', '.join(dead)} died; then: {err}", dead, dead) from err
+                raise LearnerRankError(f"{err}; {lost}", dead, dead, nodes) from err
+            message = f"{what} failed: {', '.join(dead)} died; then: {err}; {lost}"
+            raise LearnerRankError(message, dead, dead, nodes) from err
 
     def _gather(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
         results: dict[int, Any] = {}

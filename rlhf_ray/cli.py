@@ -52,7 +52,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from rlhf_ray.driver.components import run_dir_for
-    from rlhf_ray.driver.supervisor import train_supervised
+    from rlhf_ray.driver.supervisor import RunFailedError, train_supervised
 
     from rlhf_ray.driver.run_folder import RunLock, check_resumable
 
@@ -64,7 +64,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         check_resumable(run_dir)
     with RunLock(run_dir):
-        train_supervised(cfg, run_dir, resume=args.resume)
+        try:
+            train_supervised(cfg, run_dir, resume=args.resume)
+        except RunFailedError as err:  # not the user's input: exit 1, with the message alone (the cause is logged)
+            from rlhf_ray.redaction import argv_secrets, environment_secrets, mask
+
+            print(f"rlhf-ray: {mask(str(err), environment_secrets() | argv_secrets(sys.argv))}", file=sys.stderr)
+            sys.exit(1)
 
 
 def cmd_scale(args: argparse.Namespace) -> None:

@@ -25,7 +25,15 @@ class ActorCallError(RuntimeError):
 
 
 class LearnerRankError(ActorCallError):
-    """A learner rank died: the step cannot finish, but the run can resume from its last complete checkpoint."""
+    """A learner rank died: the step cannot finish, but the run can resume from its last complete checkpoint.
+
+    `nodes` maps each dead rank's name to the address of the node it ran on, where known.
+    """
+
+    def __init__(self, message: str, failed: list[str] | None = None, dead: list[str] | None = None,
+                 nodes: dict[str, str] | None = None) -> None:
+        super().__init__(message, failed, dead)
+        self.nodes = dict(nodes or {})
 
 
 def init_ray(cluster: ClusterConfig | None = None) -> None:

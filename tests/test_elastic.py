@@ -2,27 +2,20 @@
 
 A rollout actor killed mid-generation loses no sample and is replaced at the current weights;
 the pool grows 1 -> 2 actors during a run through `rlhf-ray scale`; a killed learner rank is
-survived by resuming from the last checkpoint; on a two-node loopback cluster rollout actors
-and learners land on the nodes carrying their custom resources.
+survived by resuming from the last checkpoint. (Placement by custom resource across nodes is
+tested on the network-namespace test bed: tests/test_multinode.py.)
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
-import socket
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-import psutil
 import pytest
 import ray
 import torch
@@ -33,13 +26,11 @@ from rlhf_ray import cli
 from rlhf_ray.driver.broadcaster import WeightBroadcaster
 from rlhf_ray.config import LearnerConfig, ModelConfig, RolloutConfig, RunConfig, SamplingConfig, load_config
 from rlhf_ray.driver.recovery import read_scale_request, write_scale_request
-from rlhf_ray.ray_utils import ActorCallError
-from rlhf_ray.driver.supervisor import train_supervised
+from rlhf_ray.driver import supervisor
+from rlhf_ray.ray_utils import ActorCallError, LearnerRankError
+from rlhf_ray.driver.supervisor import RunFailedError, train_supervised
 from rlhf_ray.recipes.synthetic import prompt_rows
 from synced_pool import synced_pool as build_synced_pool
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def run_cfg(tiny_model_dir: Path, tmp: Path, run_name: str, *overrides: str) -> RunConfig:
     """A tiny GRPO run with a rule reward: 4 prompts × 2 samples of at most 8 tokens per step."""
@@ -224,108 +215,27 @@ def test_killed_learner_rank_resumes_from_the_last_checkpoint(tiny_model_dir: Pa
     assert (run_dir / "checkpoints" / "step_000003").is_dir()
 
 
-# ---------------------------------------------------------------- two nodes on loopback
-
-
-def free_port() -> int:
-    """A loopback port free right now, for `ray start`'s own listeners, which take numbers only."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LoopbackCluster:
-    """A Ray head carrying `learner` and a worker node carrying `rollout`, each with its own temp dir.
-
-    Stopped by ending exactly the processes whose command line names this cluster's temp dir
-    (`ray stop` would end every Ray on the machine).
-    """
-
-    def __init__(self) -> None:
-        self.temp_dir = tempfile.mkdtemp(prefix="rl6_", dir="/tmp")
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        self.env["PYTHONPATH"] = os.pathsep.join([str(ROOT), self.env.get("PYTHONPATH", "")])
-        # Token auth as on a real cluster, with this cluster's own token: Ray turns it on for a head
-        # by itself when a token file exists, and a joining node must then present the same token.
-        token = Path(self.temp_dir) / "auth_token"
-        token.write_text(secrets.token_hex(32))
-        token.chmod(0o600)
-        self.env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-        ray_bin = str(Path(sys.executable).parent / "ray")
-        self._start([ray_bin, "start", "--head", "--port", str(self.port), "--include-dashboard=false",
-                     "--ray-client-server-port", str(free_port()), "--num-cpus", "3", "--resources",
-                     '{"learner": 1}', *self._node_args()])
-        self._start([ray_bin, "start", "--address", self.address, "--num-cpus", "2", "--resources",
-                     '{"rollout": 2}', *self._node_args()])
-
-    def _node_args(self) -> list[str]:
-        """Arguments of one node: every port its agents listen on is a free one, so clusters never collide."""
-        ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
-        return ["--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir, "--object-store-memory",
-                str(200 * 2**20), "--disable-usage-stats", *[a for p in ports for a in (p, str(free_port()))]]
-
-    def _start(self, cmd: list[str]) -> None:
-        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
-        if out.returncode:
-            self.stop()
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-
-    def processes(self) -> list[psutil.Process]:
-        mine = []
-        for proc in psutil.process_iter(["cmdline"]):
-            if any(self.temp_dir in part for part in proc.info["cmdline"] or []):
-                mine.append(proc)
-        return mine
-
-    def stop(self) -> None:
-        procs = self.processes()
-        for proc in procs:
-            proc.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=5)
-        for proc in alive:
-            proc.kill()
-        psutil.wait_procs(alive, timeout=5)
-
-
-@pytest.fixture
-def loopback_cluster() -> Iterator[LoopbackCluster]:
-    cluster = LoopbackCluster()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        left = cluster.processes()
-        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
-        assert not left, f"processes of the loopback cluster are still running: {left}"
-
-
-@pytest.mark.slow
-def test_two_node_cluster_places_rollout_and_learners_by_custom_resource(
-    tiny_model_dir: Path, tmp_path: Path, loopback_cluster: LoopbackCluster
+def test_learner_failure_with_no_restart_left_names_rank_node_and_checkpoint(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    cfg_args = [
-        f"model.policy_path={tiny_model_dir / 'policy'}", "model.max_model_len=64", "algorithm.name=grpo",
-        "algorithm.kl.placement=loss", "reward.use_model=false", "reward.functions=[{path: 'rlhf_ray.rewards:brevity'}]",
-        "reward.num_cpus=0.5", f"data.prompts.path={tmp_path / 'prompts.jsonl'}", "rollout.kv_cache_space_gib=0.25",
-        "rollout.sampling.n=2", "rollout.sampling.max_new_tokens=8", "rollout.resources={rollout: 1}",
-        "learner.resources={learner: 1}", "learner.micro_batch_size=4", "learner.minibatch_size=8",
-        "train.prompts_per_step=4", "train.steps=2", f"train.output_dir={tmp_path}", "train.run_name=two-nodes",
-        "tracking.backend=none", f"cluster.address={loopback_cluster.address}",
-    ]
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(16, seed=0)))
-    env = dict(loopback_cluster.env, RAY_ADDRESS=loopback_cluster.address)
-    out = subprocess.run([sys.executable, "-m", "rlhf_ray.cli", "train", *cfg_args], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    """The message a user sees when a learner node is lost and train.max_learner_restarts is spent (exit 1 in the
+    CLI; the real loss of a node: test_multinode.py::test_learner_node_lost_mid_update_...)."""
+    cfg = run_cfg(tiny_model_dir, tmp_path, "lost", "train.max_learner_restarts=0")
+    run_dir = tmp_path / "lost"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    lost = LearnerRankError("policy learner ppo_update failed: policy-learner-1 died (ActorDiedError: node died)",
+                            ["policy-learner-1"], ["policy-learner-1"], {"policy-learner-1": "10.1.2.3"})
 
-    run_dir = tmp_path / "two-nodes"
-    assert [r["step"] for r in metric_rows(run_dir)] == [0, 1]
-    placement = json.loads((run_dir / "placement.json").read_text())
-    assert set(placement) == {"rollout-0", "policy-learner-0"}
-    assert "rollout" in placement["rollout-0"]["node_resources"]
-    assert "learner" not in placement["rollout-0"]["node_resources"]
-    assert "learner" in placement["policy-learner-0"]["node_resources"]
-    assert placement["rollout-0"]["node_id"] != placement["policy-learner-0"]["node_id"]
+    def node_lost(*_: object, **__: object) -> None:
+        raise lost
+
+    monkeypatch.setattr(supervisor, "train", node_lost)
+    with pytest.raises(RunFailedError) as failed:
+        train_supervised(cfg, run_dir)
+    assert str(failed.value).startswith(
+        "learner rank policy-learner-1 on node 10.1.2.3 died at step 0 and train.max_learner_restarts=0 restarts "
+        f"are used up; the last complete checkpoint is step 0 in {run_dir / 'checkpoints'}."
+    )
+    assert str(failed.value).endswith(f"Last error: {lost}")
+    [event] = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert (event["ranks"], event["nodes"], event["restart"]) == (["policy-learner-1"], {"policy-learner-1": "10.1.2.3"}, 1)

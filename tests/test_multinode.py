@@ -3,8 +3,8 @@
 Each node has its own network stack and loopback, so an address chosen on the wrong host or a
 socket bound on one node's 127.0.0.1 fails here as it fails on a real cluster. The driver runs
 inside the head namespace, learner ranks on node1, rollout actors on node2; node3 sees a private
-run folder. The tests share one test bed (the session fixture `netns_cluster`); the one that cuts
-node2 off runs last.
+run folder. The tests share one test bed (the session fixture `netns_cluster`). The one that cuts
+node1 (the learner node) off adds node5 as the fresh learner node; the one that cuts node2 off runs last.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM
 
-from netns_cluster import SUBNET, WORKER_PORTS, NetnsCluster, Node
+from netns_cluster import SUBNET, WORKER_PORTS, NetnsCluster, Node, namespace_pids
 from rlhf_ray.recipes.synthetic import prompt_rows
 
 
@@ -38,11 +40,15 @@ def grpo_args(model_dir: Path, out: Path, run_name: str, address: str, *extra: s
 
 
 class ListenerWatch:
-    """Polls `ss -ltnp` in every namespace while a run goes: {node: {(local address, pid, process name)}}."""
+    """Polls `ss -ltnp` in every namespace while a run goes: {node: {(local address, pid, process name)}}.
+
+    Each listener's command line is read while its process lives (`cmdlines`): after the run the driver is gone.
+    """
 
     def __init__(self, cluster: NetnsCluster) -> None:
         self.cluster = cluster
         self.seen: dict[str, set[tuple[str, int, str]]] = {n: set() for n in cluster.nodes}
+        self.cmdlines: dict[int, str] = {}
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
@@ -50,7 +56,9 @@ class ListenerWatch:
     def _poll(self) -> None:
         while not self.done.is_set():
             for node in self.cluster.nodes:
-                self.seen[node] |= set(self.cluster.listeners(node))
+                rows = set(self.cluster.listeners(node))
+                self.seen[node] |= rows
+                self.cmdlines |= {pid: cmdline(pid) for _, pid, _ in rows if not self.cmdlines.get(pid)}
             time.sleep(0.5)
 
     def stop(self) -> dict[str, set[tuple[str, int, str]]]:
@@ -89,6 +97,10 @@ def test_grpo_across_nodes_syncs_weights_from_the_learner_node_to_the_rollout_no
     placement = json.loads((run_dir / "placement.json").read_text())
     assert {placement[f"policy-learner-{i}"]["node_ip"] for i in range(2)} == {ips["node1"]}
     assert {placement[f"rollout-{i}"]["node_ip"] for i in range(2)} == {ips["node2"]}
+    # Placed by custom resource: learner ranks on a node offering `learner` only, rollout actors `rollout` only.
+    offers = {name: set(entry["node_resources"]) & {"learner", "rollout"} for name, entry in placement.items()}
+    assert {offers[f"policy-learner-{i}"] == {"learner"} for i in range(2)} == {True}, offers
+    assert {offers[f"rollout-{i}"] == {"rollout"} for i in range(2)} == {True}, offers
 
     # Every socket the project's processes listen on is bound to its own node's address or loopback, never
     # 0.0.0.0 / * and never another node's. Project processes: the driver and the actors. Each of them also
@@ -100,7 +112,7 @@ def test_grpo_across_nodes_syncs_weights_from_the_learner_node_to_the_rollout_no
     for node, rows_ in seen.items():
         for local, pid, name in rows_:
             port = int(local.rsplit(":", 1)[1])
-            project = pid in actor_of or "rlhf_ray.cli" in cmdline(pid)
+            project = pid in actor_of or "rlhf_ray.cli" in watch.cmdlines.get(pid, "")
             ray_worker_port = WORKER_PORTS[0] <= port <= WORKER_PORTS[1]
             row = (node, local, actor_of.get(pid, name))  # an actor's process was "ray::IDLE" at first
             (ours if project and not ray_worker_port else rays).add(row)
@@ -165,6 +177,84 @@ def test_a_learner_node_without_the_shared_run_folder_is_refused_before_the_firs
     assert f"the run folder {out_dir / 'private'} is not shared with every learner node" in out.stderr
     assert f"policy-learner-0 on node {node3} finds no file there" in out.stderr
     assert not (out_dir / "private" / "checkpoints").exists()
+
+
+def learner_pids(cluster: NetnsCluster, node: str) -> list[int]:
+    """Processes of LearnerWorker actors inside `node`'s namespace (Ray titles them ray::LearnerWorker...)."""
+    return [pid for pid in namespace_pids(cluster.nodes[node].netns) if cmdline(pid).startswith("ray::LearnerWorker")]
+
+
+def test_learner_node_lost_mid_update_stops_the_run_naming_it_and_resume_continues_on_a_fresh_node(
+    netns_cluster: NetnsCluster, tiny_model_dir: Path, tmp_path: Path
+):
+    """node1 (the learner node) is cut off during step 3's update and stays cut (later tests use node5).
+
+    train.max_learner_restarts=0: the run must stop with the error, then `--resume` continues on node5. (The
+    in-process restart after a rank death is tested on one node: test_elastic.py::test_killed_learner_rank_...)
+    """
+    cluster = netns_cluster
+    # Checkpoints after steps 1 and 3 (step_000002, step_000004); step 2 is logged but not checkpointed, so the
+    # resume runs it again and must drop its first line. One micro-batch a sample: an update of several seconds.
+    args = grpo_args(tiny_model_dir, tmp_path, "lost", cluster.address, "train.steps=4", "checkpoint.every=2",
+                     "train.max_learner_restarts=0", "learner.num_ranks=1", "learner.micro_batch_size=1",
+                     "rollout.num_actors=1")
+    run_dir = tmp_path / "lost"
+    cut_at: list[float] = []
+
+    def cut_during_step_3_update() -> None:
+        deadline = time.monotonic() + 500
+        while len(metric_rows_if_any(run_dir)) < 3 and time.monotonic() < deadline:  # steps 0-2 logged
+            time.sleep(0.05)
+        pids = learner_pids(cluster, "node1")
+        while time.monotonic() < deadline:  # while the rank runs a task, Ray titles it ray::LearnerWorker.<method>
+            if any("LearnerWorker.ppo_update" in cmdline(pid) for pid in pids):
+                cluster.cut("node1")
+                cut_at.append(time.time())
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=cut_during_step_3_update, daemon=True)
+    watcher.start()
+    out = cluster.python("head", ["-m", "rlhf_ray.cli", "train", *args], timeout=600)
+    stopped = time.time()
+    watcher.join(timeout=1)
+    assert cut_at, "node1 was never cut: " + out.stdout[-2000:] + out.stderr[-3000:]
+    node1, node5 = cluster.nodes["node1"].ip, f"{SUBNET}.15"
+    message = next((line for line in out.stderr.splitlines() if line.startswith("rlhf-ray: ")), out.stderr[-3000:])
+    print(f"\nlearner node cut {stopped - cut_at[0]:.1f}s before the run stopped, exit {out.returncode}: {message}")
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-3000:]
+    assert message.startswith(f"rlhf-ray: learner rank policy-learner-0 on node {node1} died at step 3 and "
+                              "train.max_learner_restarts=0 restarts are used up; the last complete checkpoint "
+                              f"is step 2 in {run_dir / 'checkpoints'}"), message
+    assert "policy learner ppo_update failed: policy-learner-0 died" in message  # the cut landed mid-update
+    [event] = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert (event["event"], event["nodes"], event["step"], event["resume_from_step"]) == (
+        "learner_failure", {"policy-learner-0": node1}, 3, 2)
+    first = metric_rows(run_dir)
+    assert [r["step"] for r in first] == [0, 1, 2]
+
+    # A fresh learner node joins; the run folder (checkpoints included) is on the filesystem every node shares.
+    cluster.add_node(Node("node5", node5, num_cpus=3, resources={"learner": 1}))
+    resumed = cluster.python("head", ["-m", "rlhf_ray.cli", "train", *args, "--resume"], timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    assert json.dumps({"resumed_from": str(run_dir / "checkpoints" / "step_000002"), "step": 2}) in resumed.stdout
+    rows = metric_rows(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]  # step 2's first line was dropped, not duplicated
+    assert [r["rollout/policy_version"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["rollout/logprob_diff_max"] < 1e-4 for r in rows[1:])  # vLLM on node2 got node5's weights
+    # The restored weights, prompt sampler and pool step make step 2 again exactly what it was before the cut.
+    for key in ("reward/mean", "rollout/response_len_mean"):
+        assert rows[2][key] == first[2][key], (key, rows[2][key], first[2][key])
+    assert json.loads((run_dir / "placement.json").read_text())["policy-learner-0"]["node_ip"] == node5
+    final = run_dir / "checkpoints" / "step_000004" / "policy"
+    loaded = AutoModelForCausalLM.from_pretrained(final)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir / "policy")
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(loaded.parameters(), base.parameters()))  # it was trained
+
+
+def metric_rows_if_any(run_dir: Path) -> list[dict]:
+    return metric_rows(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
 
 
 def test_rollout_node_cut_off_mid_generation_is_replaced_on_a_spare_node_without_losing_a_sample(

@@ -57,14 +57,15 @@ def train_supervised(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dic
             checkpoint = latest_complete(root)
             resume_step = step_of(checkpoint) if checkpoint is not None else 0
             event = {
-                "event": "learner_failure", "ranks": err.failed, "step": failed_step,
+                "event": "learner_failure", "ranks": err.failed, "nodes": err.nodes, "step": failed_step,
                 "restart": restarts + 1, "max_learner_restarts": limit, "resume_from_step": resume_step,
                 "error": str(err)[:500],
             }
             record_event(run_dir, event)
             if restarts >= limit:
+                ranks = ", ".join(f"{r} on node {err.nodes[r]}" if r in err.nodes else r for r in err.failed)
                 raise RunFailedError(
-                    f"learner rank {', '.join(err.failed)} died at step {failed_step} and "
+                    f"learner rank {ranks} died at step {failed_step} and "
                     f"train.max_learner_restarts={limit} restarts are used up; the last complete checkpoint "
                     f"is step {resume_step} in {root}. Fix the cause (see the rank's log in "
                     "the Ray session's logs folder), then `rlhf-ray train ... --resume`, or raise "
