@@ -210,7 +210,9 @@ def _knobs(kinds: list[str], resources: list[str], per_actor: bool = False) -> s
     """The config fields that lower `resources` for these kinds of actor (only per-actor amounts if `per_actor`)."""
     fields = []
     for kind in kinds:
-        kind = "learner" if kind == "reference" else kind  # the reference copies a learner rank's request
+        if kind == "reference":  # a learner rank's request, or with reference.colocate a share of its own
+            fields += [{"CPU": "reference.num_cpus", "GPU": "reference.num_gpus"}.get(k, "") for k in resources]
+            kind = "learner"
         if not per_actor:
             fields.append(COUNT_FIELD.get(kind, ""))
         fields += [AMOUNT_FIELD[kind][k if k in BUILTIN else "custom"] for k in resources]
