@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -111,8 +112,8 @@ def test_rm_cli_writes_heldout_accuracy_and_a_loadable_reward_model(tiny_model_d
     assert rc == 0, err[-3000:]
     # on a terminal: a bar rewritten in place after each of the epoch's 6 steps (96 rows / 16), a line per epoch
     for epoch in (1, 2, 3):
-        assert f"\r\x1b[Krm epoch {epoch}/3 [" in terminal and f"] 5/6 | rm_loss " in terminal, terminal[-2000:]
-        assert f"\r\x1b[Krm epoch {epoch}/3 | rm_loss " in terminal
+        assert re.search(rf"\r\x1b\[Krm epoch {epoch}/3 \[#+-+\] 5/6 \|[^\r]* rm_loss \S+ \| eta ", terminal), terminal
+        assert re.search(rf"\r\x1b\[Krm epoch {epoch}/3 \|[^\r]* rm_loss \S+ \| \S+ \| eta \S+\r\n", terminal)
     assert terminal.count("\r\x1b[Krm epoch 1/3 [") == 5 and "] 6/6" not in terminal  # the 6th step prints the line
     run = tmp_path / "rm"
     assert (run / "config.yaml").is_file()
