@@ -46,7 +46,7 @@ class RewardActor:
                 max_model_len=model_cfg.max_model_len,
                 trust_remote_code=model_cfg.trust_remote_code,
                 load_format="safetensors",  # never a pickle checkpoint
-                gpu_memory_utilization=0.3,
+                gpu_memory_utilization=reward_cfg.gpu_memory_utilization,
                 **reward_engine_options(reward_cfg.num_gpus, reward_cfg.kv_cache_space_gib),
             )
 

@@ -131,6 +131,18 @@ class LearnerConfig(Section):
         return 0 if self.num_ranks == 1 and not bf16 else 2
 
 
+class ReferenceConfig(Section):
+    colocate: bool = Field(
+        False, description="GPU learners only: place the reference in policy learner rank 0's placement-group bundle, "
+        "sharing its GPU (num_gpus of it) instead of taking a learner-sized slot of its own.",
+    )
+    num_gpus: float = Field(
+        0.25, gt=0, le=1, description="With colocate: the share of rank 0's GPU the reference asks Ray for; "
+        "learner.num_gpus_per_rank plus everything else in that bundle must stay at most 1.",
+    )
+    num_cpus: float = Field(2.0, gt=0, description="With colocate: CPUs the reference adds to rank 0's bundle.")
+
+
 class KLConfig(Section):
     estimator: Literal["k1", "k2", "k3"] = "k1"
     placement: Literal["reward", "loss"] = Field(
@@ -260,6 +272,14 @@ class RewardConfig(Section):
                                        "process receives besides PATH, locale and PYTHONPATH (none by default).")
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
+    colocate: bool = Field(
+        False, description="GPU learners only: place the reward actor in the last policy learner rank's placement-group "
+        "bundle, sharing that GPU (num_gpus of it, which must be > 0) instead of a slot of its own.",
+    )
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="The reward model's vLLM engine on GPU: the fraction of the whole GPU's memory "
+        "it takes (weights + KV cache); on a shared GPU, leave the learner rank the rest.",
+    )
     kv_cache_space_gib: float = Field(0.5, gt=0, description="KV cache of the reward model's vLLM engine on CPU (GiB).")
 
     @model_validator(mode="after")
@@ -405,6 +425,7 @@ class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -512,6 +533,7 @@ class RunConfig(Section):
                 f"rollout.colocate=true shares GPUs, but weight_sync.backend={self.weight_sync.backend}: NCCL refuses two "
                 "ranks on one GPU and gloo would copy through the host; set weight_sync.backend=auto (CUDA IPC)"
             )
+        self._check_shared_gpus()
         if self.rollout.enable_sleep_mode and self.rollout.num_gpus_per_actor == 0:
             raise ValueError(
                 "rollout.enable_sleep_mode=true needs GPU rollout actors, but rollout.num_gpus_per_actor=0: vLLM's CPU "
@@ -533,6 +555,33 @@ class RunConfig(Section):
                 "set learner.num_gpus_per_rank > 0 or weight_sync.backend=gloo"
             )
         return self
+
+    def _check_shared_gpus(self) -> None:
+        """reference.colocate / reward.colocate: GPU learners, a GPU share for the reward, and every policy learner
+        bundle (a rank plus what shares its GPU) at most one GPU."""
+        le, rw = self.learner, self.reward
+        for field, on in (("reference.colocate", self.reference.colocate), ("reward.colocate", rw.colocate)):
+            if on and le.num_gpus_per_rank == 0:
+                raise ValueError(
+                    f"{field}=true shares a policy learner rank's GPU, but learner.num_gpus_per_rank=0 (CPU learners); "
+                    f"fix: set {field}=false, or give the learners GPUs"
+                )
+        if rw.colocate and rw.num_gpus == 0:
+            raise ValueError(
+                "reward.colocate=true shares a learner GPU, but reward.num_gpus=0; fix: give the reward its share of "
+                "the GPU (e.g. reward.num_gpus=0.2) or set reward.colocate=false"
+            )
+        from rlhf_ray.sizing import bundle_members, policy_bundles  # sizing imports this module
+
+        for i, bundle in enumerate(policy_bundles(self)):
+            if bundle.get("GPU", 0.0) > 1.0 + 1e-9:
+                members = bundle_members(self)[i]
+                shares = " + ".join(f"{name} {share:g}" for name, share in members)
+                raise ValueError(
+                    f"policy learner rank {i}'s GPU would hold {shares} = {bundle['GPU']:g} GPUs, more than one GPU; "
+                    "fix: lower learner.num_gpus_per_rank or the shares of what is colocated with it "
+                    "(rollout.num_gpus_per_actor, reference.num_gpus, reward.num_gpus)"
+                )
 
 
 # ---------------------------------------------------------------- loading

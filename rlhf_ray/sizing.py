@@ -10,6 +10,11 @@ Assumptions, stated once:
   of a learner rank), and a reward model on GPU takes the learner pool's custom resources in proportion
   to its GPUs: models with a fixed size live in the learner pool, so the rollout pool scales on its own.
   On CPU learners the reference asks for 0.5 CPU: it runs between other stages of the synchronous loop.
+- Shared GPUs: the policy learner group's placement group has one bundle per rank. With rollout.colocate,
+  bundle i also holds rollout actor i; with reference.colocate, bundle 0 also holds the reference
+  (reference.num_cpus, reference.num_gpus); with reward.colocate, the last bundle also holds the reward
+  actor (reward.num_cpus, reward.num_gpus). Ray gives every actor of a bundle the bundle's GPU, so these
+  fractions are shares of one physical GPU; the bundle's custom resources are the learner rank's.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ class ResourceRequest:
     name: str  # e.g. "rollout-0", "policy-learner-1", "critic-learner-0", "reward", "reference"
     kind: str  # "rollout", "learner", "reward" or "reference"
     resources: dict[str, float]
+    bundle: int | None = None  # placed in this bundle of the policy learner group (sharing rank `bundle`'s GPU)
 
     def ray_options(self) -> dict[str, Any]:
         """Keyword arguments for `ActorClass.options(**request.ray_options())`."""
@@ -131,21 +137,77 @@ def colocated_bundle(cfg: RunConfig) -> dict[str, float]:
     return out
 
 
+def reference_shared_request(cfg: RunConfig) -> dict[str, float]:
+    """reference.colocate: what the reference adds to policy learner rank 0's bundle (no custom resources: the
+    bundle holds the rank's)."""
+    return _request(cfg.reference.num_cpus, cfg.reference.num_gpus, {})
+
+
+def reward_request(cfg: RunConfig) -> dict[str, float]:
+    """The reward actor's request: its CPUs and GPUs; a GPU reward model in its own slot also takes the learner
+    pool's custom resources in proportion to its GPUs (colocated, the bundle holds them already)."""
+    rw, le = cfg.reward, cfg.learner
+    custom: dict[str, float] = {}
+    if rw.num_gpus > 0 and le.num_gpus_per_rank > 0 and not rw.colocate:
+        custom = {k: v * rw.num_gpus / le.num_gpus_per_rank for k, v in le.resources.items()}
+    return _request(rw.num_cpus, rw.num_gpus, custom)
+
+
+def shared_bundle_index(cfg: RunConfig) -> dict[str, int]:
+    """The policy learner bundle each colocated helper goes into: {"reference": 0, "reward": last rank}."""
+    out = {}
+    if cfg.reference.colocate:
+        out["reference"] = 0
+    if cfg.reward.colocate:
+        out["reward"] = cfg.learner.num_ranks - 1
+    return out
+
+
+def bundle_members(cfg: RunConfig) -> list[list[tuple[str, float]]]:
+    """Per policy learner bundle, (actor name, GPU share) of everything placed in it, the rank first."""
+    le = cfg.learner
+    members = [[(f"policy-learner-{i}", le.num_gpus_per_rank)] for i in range(le.num_ranks)]
+    if cfg.rollout.colocate:
+        for i in range(min(le.num_ranks, cfg.rollout.num_actors)):
+            members[i].append((f"rollout-{i}", cfg.rollout.num_gpus_per_actor))
+    shares = {"reference": cfg.reference.num_gpus, "reward": cfg.reward.num_gpus}
+    for name, index in shared_bundle_index(cfg).items():
+        members[index].append((name, shares[name]))
+    return members
+
+
+def policy_bundles(cfg: RunConfig) -> list[dict[str, float]]:
+    """The policy learner group's placement-group bundles: rank i's request plus what shares its GPU
+    (rollout actor i with rollout.colocate, the reference in bundle 0, the reward in the last)."""
+    base = colocated_bundle(cfg) if cfg.rollout.colocate else learner_rank_request(cfg.learner)
+    bundles = [dict(base) for _ in range(cfg.learner.num_ranks)]
+    extra = {"reference": reference_shared_request(cfg), "reward": reward_request(cfg)}
+    for name, index in shared_bundle_index(cfg).items():
+        for k, v in extra[name].items():
+            bundles[index][k] = bundles[index].get(k, 0.0) + v
+    return bundles
+
+
+def shares_policy_placement(cfg: RunConfig) -> bool:
+    """Whether anything shares the policy learners' bundles (the driver then creates their placement group)."""
+    return cfg.rollout.colocate or cfg.reference.colocate or cfg.reward.colocate
+
+
 def resource_requests(cfg: RunConfig) -> list[ResourceRequest]:
     """One request per actor of the run: rollout actors, policy (and PPO critic) learner ranks, the reward and
     the reference actor; names as the run gives them."""
-    ro, le, rw = cfg.rollout, cfg.learner, cfg.reward
+    ro, le = cfg.rollout, cfg.learner
     rollout, learner = rollout_actor_request(ro), learner_rank_request(le)
-    reqs = [ResourceRequest(f"rollout-{i}", "rollout", dict(rollout)) for i in range(ro.num_actors)]
+    reqs = [ResourceRequest(f"rollout-{i}", "rollout", dict(rollout), i if ro.colocate else None)
+            for i in range(ro.num_actors)]
     roles = ("policy", "critic") if cfg.algorithm.uses_critic else ("policy",)
     reqs += [ResourceRequest(f"{role}-learner-{i}", "learner", dict(learner)) for role in roles for i in range(le.num_ranks)]
 
-    reward_custom: dict[str, float] = {}
-    if rw.num_gpus > 0 and le.num_gpus_per_rank > 0:
-        share = rw.num_gpus / le.num_gpus_per_rank
-        reward_custom = {k: v * share for k, v in le.resources.items()}
-    reqs.append(ResourceRequest("reward", "reward", _request(rw.num_cpus, rw.num_gpus, reward_custom)))
-
-    reference = dict(learner) if le.num_gpus_per_rank > 0 else {"CPU": REFERENCE_CPUS_ON_CPU}
-    reqs.append(ResourceRequest("reference", "reference", reference))
+    shared = shared_bundle_index(cfg)
+    reqs.append(ResourceRequest("reward", "reward", reward_request(cfg), shared.get("reward")))
+    if cfg.reference.colocate:
+        reference = reference_shared_request(cfg)
+    else:
+        reference = dict(learner) if le.num_gpus_per_rank > 0 else {"CPU": REFERENCE_CPUS_ON_CPU}
+    reqs.append(ResourceRequest("reference", "reference", reference, shared.get("reference")))
     return reqs

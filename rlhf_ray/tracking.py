@@ -17,7 +17,7 @@ import secrets
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import wandb
 
@@ -34,13 +34,16 @@ class StageTimer:
     With a `title`, the stage is announced with a banner and its duration printed when it ends (the demo's stages).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_start: Callable[[str], None] | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.on_start = on_start  # called with the stage's name as it starts (the console's in-place line)
 
     @contextmanager
     def __call__(self, stage: str, title: str | None = None) -> Iterator[None]:
         if title:
             print(f"\n=== {title} ===", flush=True)
+        if self.on_start is not None:
+            self.on_start(stage)
         start = time.perf_counter()
         yield
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
@@ -221,31 +224,6 @@ def flat_reward(scores: Sequence[float], valid: Sequence[bool], n: int) -> bool:
         if len(kept) > 1:
             return False
     return True
-
-
-class EpochProgress:
-    """One console line per finished epoch of a supervised stage, e.g. `sft epoch 2/5 | loss 1.234 | 12s | eta 36s`,
-    showing the step's metrics whose names end in loss or accuracy."""
-
-    def __init__(self, name: str, epochs: int, steps_per_epoch: int) -> None:
-        self.name, self.epochs, self.per_epoch = name, epochs, max(steps_per_epoch, 1)
-        self.start = time.perf_counter()
-
-    def line(self, step: int, metrics: Mapping[str, float], elapsed_s: float) -> str | None:
-        """The line after 0-based optimizer step `step`, or None when it does not end an epoch."""
-        if (step + 1) % self.per_epoch:
-            return None
-        epoch = (step + 1) // self.per_epoch
-        shown = [f"{k.split('/')[-1]} {float(v):.4g}" for k, v in metrics.items()
-                 if k.split("/")[-1].endswith(("loss", "accuracy"))]
-        eta = elapsed_s / epoch * (self.epochs - epoch)
-        return " | ".join([f"{self.name} epoch {epoch}/{self.epochs}", *shown, format_duration(elapsed_s),
-                           f"eta {format_duration(eta)}"])
-
-    def step(self, step: int, metrics: Mapping[str, float]) -> None:
-        text = self.line(step, metrics, time.perf_counter() - self.start)
-        if text:
-            print(text, flush=True)
 
 
 class FlatRewardWatch:

@@ -21,7 +21,7 @@ from rlhf_ray.config import ConfigError, RolloutConfig, load_config
 from rlhf_ray.cuda_ipc import export_bucket, open_bucket
 from rlhf_ray.driver.broadcaster import pair_by_gpu
 from rlhf_ray.driver.plan import PlanError, make_plan, weight_sync_backend
-from rlhf_ray.sizing import colocated_bundle, resource_requests
+from rlhf_ray.sizing import colocated_bundle, policy_bundles, resource_requests
 from rlhf_ray.driver.preflight import VLLM_VERSION, check_vllm_version
 from rlhf_ray.ray_utils import local_gpu_index
 from rlhf_ray.weight_sync import layer_checksums
@@ -231,5 +231,7 @@ def test_colocated_recipe_fits_one_8_gpu_node() -> None:
     plan = make_plan(cfg, {"CPU": 96.0, "GPU": 8.0}, nodes)
     assert plan.transport == "cuda_ipc" and cfg.rollout.enable_sleep_mode
     assert "per GPU learner 0.5 + rollout 0.4 of a GPU" in plan.render()
-    # 7 pairs of 0.9 GPU: the reference's learner-sized 0.5 fits beside none of them, so it takes the 8th GPU.
-    assert colocated_bundle(cfg)["GPU"] == pytest.approx(0.9) and cfg.learner.num_ranks == 7
+    # 8 pairs of 0.9 GPU; the reference's 0.1 completes GPU 0 (reference.colocate), so no GPU is the reference's alone.
+    assert colocated_bundle(cfg)["GPU"] == pytest.approx(0.9) and cfg.learner.num_ranks == 8
+    assert [b["GPU"] for b in policy_bundles(cfg)] == pytest.approx([1.0] + [0.9] * 7)
+    assert plan.needed["GPU"] == pytest.approx(7.3)

@@ -60,19 +60,41 @@ def test_gpu_recipe_places_each_actor_in_its_pool():
     plan = make_plan(load_config(PPO), totals(GPU_NODES), GPU_NODES)
     by_name = {r.name: r.resources for r in plan.requests}
     assert by_name["rollout-3"] == {"CPU": 4.0, "GPU": 1.0, "rollout": 1.0}
-    assert by_name["policy-learner-0"] == by_name["critic-learner-0"] == {"CPU": 8.0, "GPU": 1.0, "learner": 1.0}
-    assert by_name["reward"] == {"CPU": 4.0, "GPU": 1.0, "learner": 1.0}  # reward model on GPU: learner pool
-    assert by_name["reference"] == by_name["policy-learner-0"]  # one learner-sized slot
-    assert plan.needed["GPU"] == 8 and plan.needed["learner"] == 4 and plan.needed["rollout"] == 4
+    assert by_name["policy-learner-0"] == by_name["critic-learner-1"] == {"CPU": 8.0, "GPU": 0.7, "learner": 1.0}
+    # reference.colocate and reward.colocate: shares of policy ranks 0 and 1's GPUs, inside their bundles
+    assert by_name["reference"] == {"CPU": 2.0, "GPU": 0.3} and by_name["reward"] == {"CPU": 4.0, "GPU": 0.3}
+    assert {r.name: r.bundle for r in plan.requests if r.bundle is not None} == {"reference": 0, "reward": 1}
+    assert plan.needed["GPU"] == pytest.approx(7.4) and plan.needed["learner"] == 4 and plan.needed["rollout"] == 4
     assert plan.hosts["rollout-0"] == [f"10.0.2.{i}" for i in range(4)]
     assert plan.hosts["policy-learner-0"] == plan.hosts["critic-learner-0"] == plan.hosts["reference"] == ["10.0.1.1"]
+    assert plan.hosts["reward"] == ["10.0.1.1"]
     text = plan.render()
     assert "rollout-0 … rollout-3 (4×)" in text and "nodes offering rollout" in text
     assert "nccl (GPU to GPU)" in text
     assert "rendezvous on learner rank 0's node address" in text and not plan.warnings
+    assert "bundle 0       {CPU: 10, GPU: 1, learner: 1}: policy-learner 0.7 + reference 0.3 of one GPU" in text
+    assert "-> in policy-learner-1's bundle, sharing its GPU" in text
     pinned = load_config(PPO, ["weight_sync.master_addr=127.0.0.1"])
     warnings = make_plan(pinned, totals(GPU_NODES), GPU_NODES).warnings
     assert any("master_addr=127.0.0.1 is loopback" in w for w in warnings)
+
+
+def test_reference_and_reward_in_slots_of_their_own_take_the_learner_pool():
+    """Without colocation: the reference is one learner-sized slot, a GPU reward model takes the learner pool's
+    custom resources in proportion to its GPUs."""
+    own = ["reference.colocate=false", "reward.colocate=false", "reward.num_gpus=1", "learner.num_gpus_per_rank=1",
+           "learner.num_ranks=1"]  # the recipe before the GPUs were shared
+    plan = make_plan(load_config(PPO, own), totals(GPU_NODES), GPU_NODES)
+    by_name = {r.name: r.resources for r in plan.requests}
+    assert by_name["reward"] == {"CPU": 4.0, "GPU": 1.0, "learner": 1.0}
+    assert by_name["reference"] == by_name["policy-learner-0"] == {"CPU": 8.0, "GPU": 1.0, "learner": 1.0}
+    assert all(r.bundle is None for r in plan.requests) and "shared GPUs" not in plan.render()
+
+
+def test_a_shared_bundle_that_fits_no_node_is_named():
+    nodes = [node("10.0.1.1", CPU=9, GPU=4, learner=4)] + [node(f"10.0.2.{i}", CPU=8, GPU=1, rollout=1) for i in range(4)]
+    with pytest.raises(PlanError, match=r"policy learner bundle 0 needs \{CPU: 10, GPU: 1, learner: 1\} on one node"):
+        make_plan(load_config(GRPO), totals(nodes) | {"CPU": 100.0}, nodes)  # each actor alone fits on 9 CPUs
 
 
 def test_ray_options_are_accepted_by_ray():
@@ -99,7 +121,7 @@ def test_too_few_gpus_is_named_with_counts_and_fix():
     with pytest.raises(PlanError) as err:
         make_plan(load_config(PPO), {"CPU": 100.0, "GPU": 4.0, "learner": 4.0, "rollout": 4.0})
     msg = str(err.value)
-    assert "GPU: need 8 (rollout 4×1, learner 2×1, reward 1, reference 1), the cluster has 4" in msg
+    assert "GPU: need 7.4 (rollout 4×1, learner 4×0.7, reward 0.3, reference 0.3), the cluster has 4" in msg
     assert "add nodes with more GPUs, or lower rollout.num_actors" in msg and "learner.num_gpus_per_rank" in msg
     assert "rollout:" not in msg  # only what is short
 
@@ -248,7 +270,7 @@ def test_pool_and_learner_group_place_what_the_plan_requests():
     assert rollout_bundles(cfg.rollout) == [{"CPU": 4.0, "GPU": 1.0, "rollout": 1.0}, {"GPU": 1.0}]
     requests = {r.name: r.resources for r in resource_requests(cfg)}
     assert requests["rollout-1"] == {"CPU": 4.0, "GPU": 2.0, "rollout": 1.0}
-    assert requests["policy-learner-0"] == learner_rank_request(cfg.learner) == {"CPU": 8.0, "GPU": 1.0, "learner": 1.0}
+    assert requests["policy-learner-0"] == learner_rank_request(cfg.learner) == {"CPU": 8.0, "GPU": 0.7, "learner": 1.0}
     cpu = load_config(None, ["rollout.num_cpus_per_actor=1.5"])
     assert rollout_bundles(cpu.rollout) == [{"CPU": 1.5}]
     assert ray_options(rollout_bundles(cpu.rollout)[0]) == {"num_cpus": 1.5, "num_gpus": 0.0, "resources": {}}

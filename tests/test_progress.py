@@ -58,7 +58,7 @@ def test_config_fields():
 
 
 def test_epoch_progress_lines():
-    from rlhf_ray.tracking import EpochProgress
+    from rlhf_ray.progress import EpochProgress
 
     p = EpochProgress("sft", epochs=3, steps_per_epoch=4)
     metrics = {"train/sft_loss": 1.23456, "train/lr": 1e-3}
@@ -102,3 +102,105 @@ def test_demo_config_is_found():
     from rlhf_ray.recipes.demo import DEMO_CONFIG
 
     assert DEMO_CONFIG.is_file() and DEMO_CONFIG.name == "demo.yaml"
+
+
+# ---------------------------------------------------------------- in place on a terminal, lines elsewhere
+
+
+def _terminal():
+    """(text stream on a pty's terminal side, function reading what reached the other side)."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    stream = os.fdopen(slave, "w", encoding="utf-8")
+
+    def read() -> str:
+        stream.flush()
+        os.set_blocking(master, False)
+        chunks = []
+        try:
+            while chunk := os.read(master, 65536):
+                chunks.append(chunk)
+        except BlockingIOError:
+            pass
+        return b"".join(chunks).decode()
+
+    return stream, read
+
+
+def test_bar_by_hand():
+    from rlhf_ray.progress import bar
+
+    assert bar(0, 4, width=8) == "[--------]" and bar(1, 4, width=8) == "[##------]"
+    assert bar(3, 4, width=8) == "[######--]" and bar(4, 4, width=8) == "[########]" and bar(9, 4, 8) == "[########]"
+
+
+def test_live_line_rewrites_in_place_on_a_terminal(monkeypatch):
+    from rlhf_ray.progress import ERASE_LINE, LiveLine
+
+    monkeypatch.setenv("TERM", "xterm")
+    stream, read = _terminal()
+    live = LiveLine(stream)
+    assert live.tty
+    live.status("sft epoch 1/2 [#---] 1/4")
+    live.status("sft epoch 1/2 [##--] 2/4")
+    live.line("sft epoch 1/2 | sft_loss 1.5")
+    live.status("sft epoch 2/2 [#---] 1/4")
+    live.close()
+    assert read() == (ERASE_LINE + "sft epoch 1/2 [#---] 1/4" + ERASE_LINE + "sft epoch 1/2 [##--] 2/4" + ERASE_LINE
+                      + "sft epoch 1/2 | sft_loss 1.5\r\n" + ERASE_LINE + "sft epoch 2/2 [#---] 1/4" + ERASE_LINE)
+    monkeypatch.setenv("TERM", "dumb")  # a terminal that cannot erase: plain lines
+    assert not LiveLine(stream).tty
+
+
+def test_live_line_prints_only_lines_elsewhere():
+    import io
+
+    from rlhf_ray.progress import LiveLine
+
+    out = io.StringIO()
+    live = LiveLine(out)
+    live.status("step 1/3 [----] generate...")
+    live.line("step 1/3 | reward 0.5")
+    live.close()
+    assert out.getvalue() == "step 1/3 | reward 0.5\n"
+
+
+def test_epoch_progress_on_a_terminal_and_in_a_log(monkeypatch):
+    import io
+
+    from rlhf_ray.progress import EpochProgress, LiveLine
+
+    monkeypatch.setenv("TERM", "xterm")
+    stream, read = _terminal()
+    logged = io.StringIO()
+    for live in (LiveLine(stream), LiveLine(logged)):
+        p = EpochProgress("rm", epochs=2, steps_per_epoch=3, live=live)
+        for step in range(6):
+            p.step(step, {"train/rm_loss": 0.5, "train/lr": 1e-3})
+    on_terminal = read()
+    assert on_terminal.count("rm epoch 1/2 [") == 2 and on_terminal.count("rm epoch 2/2 [") == 2  # steps 1-2 of each
+    assert "rm epoch 1/2 [################--------] 2/3 | rm_loss 0.5 | eta " in on_terminal
+    assert on_terminal.count("\r\n") == 2 and "\r\x1b[Krm epoch 2/2 | rm_loss 0.5 | " in on_terminal
+    lines = logged.getvalue().splitlines()
+    assert [line.split(" | ")[0] for line in lines] == ["rm epoch 1/2", "rm epoch 2/2"] and "\r" not in logged.getvalue()
+
+
+def test_train_stages_show_in_place(monkeypatch):
+    import time
+
+    from rlhf_ray.progress import LiveLine, stage_status
+    from rlhf_ray.tracking import StageTimer
+
+    monkeypatch.setenv("TERM", "xterm")
+    stream, read = _terminal()
+    live = LiveLine(stream)
+    timer = StageTimer(on_start=stage_status(live, 2, 4, time.perf_counter()))
+    for stage in ("generate", "update"):
+        with timer(stage):
+            pass
+    live.line("step 3/4 | reward 0.41")
+    text = read()
+    assert "step 3/4 [############------------] generate... | 0s" in text and "update... | 0s" in text
+    assert text.endswith("\r\x1b[Kstep 3/4 | reward 0.41\r\n") and set(timer.seconds) == {"generate", "update"}

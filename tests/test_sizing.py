@@ -7,7 +7,10 @@ import pytest
 from rlhf_ray.cli import main
 from rlhf_ray.config import ConfigError, load_config
 from rlhf_ray.driver.cluster_plan import load_cluster_spec
-from rlhf_ray.driver.memory_estimate import GIB, Assumptions, learner_bytes, load_shape, rollout_memory, step_seconds
+from rlhf_ray.driver.memory_estimate import (
+    GIB, Assumptions, inference_bytes, learner_bytes, load_shape, reward_model_bytes, rollout_memory, shared_gpu_bytes,
+    step_seconds,
+)
 
 RECIPE = "configs/qwen2.5-1.5b-grpo.yaml"
 QWEN_1_5B = "configs/models/qwen2.5-1.5b.json"
@@ -32,6 +35,27 @@ def test_learner_memory_of_the_grpo_recipe_by_hand():
     assert got["logits"] == 9_957_277_696  # 8 bytes × 4 × 2048 × 151936
     assert got["overhead"] == 2 * GIB
     assert sum(got.values()) / GIB == pytest.approx(19.99584, abs=1e-5)  # 21,470,366,378.7 bytes
+
+
+def test_shared_gpu_memory_by_hand():
+    """The GRPO recipe's GPU 0 holds learner rank 0 (ZeRO-3 over 4) and the reference: their peaks add up."""
+    cfg, shape = load_config(RECIPE, []), load_shape(QWEN_1_5B)
+    psi, logits, overhead = 1_543_714_304, 9_957_277_696, 2 * GIB
+    rank = 2 * psi / 4 + 2 * psi / 4 + 12 * psi / 4 + 1_132_462_080 + logits + overhead
+    reference = 2 * psi + logits + overhead  # bf16 weights, one micro-batch's fp32 logits and log-softmax
+    parts = {"learner": learner_bytes(shape, cfg, 4, Assumptions()), "reference": inference_bytes(shape, cfg, Assumptions())}
+    assert shared_gpu_bytes(parts) == pytest.approx(rank + reference)
+    assert (rank + reference) / GIB == pytest.approx(32.23, abs=0.01)  # of the L40S's 44.5 GiB
+
+
+def test_reward_model_takes_its_vllm_budget():
+    cfg = load_config("configs/qwen2.5-1.5b-ppo.yaml", [])
+    got = reward_model_bytes(load_shape(QWEN_1_5B), cfg, 44.5, Assumptions())
+    assert sum(got.values()) == pytest.approx(0.25 * 44.5 * GIB)  # reward.gpu_memory_utilization of the GPU
+    assert got["weights"] == 2 * 1_543_714_304 and got["KV cache"] == pytest.approx(0.25 * 44.5 * GIB - 2 * 1_543_714_304 - 2 * GIB)
+    tiny = reward_model_bytes(load_shape(QWEN_1_5B), cfg.model_copy(update={"reward": cfg.reward.model_copy(
+        update={"gpu_memory_utilization": 0.05})}), 44.5, Assumptions())
+    assert tiny["KV cache"] < 0  # 2.2 GiB cannot hold 2.9 GiB of weights: the plan says DOES NOT FIT
 
 
 @pytest.mark.parametrize("stage, expected_bytes_per_param", [(0, 16), (1, 4 + 12 / 4), (2, 2 + 14 / 4), (3, 16 / 4)])
@@ -65,7 +89,7 @@ def test_step_time_by_hand():
     psi, samples, response = 1_543_714_304, 48 * 8, 512
     assert t["generate"] == pytest.approx(2 * psi * samples * response / (4 * 362e12 * 0.1))
     tokens = samples * (256 + response)
-    assert t["update"] == pytest.approx(8 * psi * tokens / (3 * 362e12 * 0.3))  # checkpointing: 8Ψ per token
+    assert t["update"] == pytest.approx(8 * psi * tokens / (4 * 362e12 * 0.3))  # checkpointing: 8Ψ per token
     assert t["sync"] == pytest.approx(2 * psi / 10e9)
 
 
@@ -78,7 +102,9 @@ def plan_exit_code(*args: str) -> int:
 def test_plan_cluster_command(capsys):
     assert plan_exit_code("--cluster", "cluster/pools.yaml", "--model-config", QWEN_1_5B) == 0
     out = capsys.readouterr().out
-    assert "learner rank (3 in ZeRO)" in out and "= 20.0 GiB -> fits" in out
+    assert "learner rank (4 in ZeRO)" in out and "= 18.1 GiB -> fits" in out
+    # the reference shares rank 0's GPU: both peaks on one 44.5 GiB L40S
+    assert "shared GPU, rank 0         on learner (44.5 GiB): learner 18.1 + reference 14.1 = 32.2 GiB" in out
     assert "602 sequences of 2048" in out and "step time estimate:" in out
 
 
@@ -88,7 +114,7 @@ def test_plan_cluster_reports_what_does_not_fit(tmp_path, capsys):
                     "  learner: {count: 1, cpus: 48, gpus: 4, gpu_memory_gib: 16, gpu_tflops: 65, resources: {learner: 4}}\n"
                     "  rollout: {count: 4, cpus: 8, gpus: 1, gpu_memory_gib: 16, gpu_tflops: 65, resources: {rollout: 1}}\n")
     assert plan_exit_code("--cluster", str(spec), "--model-config", QWEN_1_5B) == 1
-    assert "20.0 GiB -> DOES NOT FIT" in capsys.readouterr().out
+    assert "18.1 GiB -> DOES NOT FIT" in capsys.readouterr().out
     spec.write_text(spec.read_text().replace("count: 4", "count: 2"))  # too few rollout nodes: a placement error
     assert plan_exit_code("--cluster", str(spec), "--model-config", QWEN_1_5B) == 1
     assert "rollout: need 4" in capsys.readouterr().err
@@ -120,4 +146,4 @@ def test_async_recipe_overlaps_generation(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     async_total = int(re.search(r"step time estimate: (\d+) s per RL step = max\(generate, the rest\)", out).group(1))
-    assert async_total == 23 and sync_total == 27  # 8.4 + 2.8 + 11.2 + 0.3 = 22.7 vs + generate 4.2
+    assert async_total == 19 and sync_total == 23  # 8.4 + 2.1 + 8.4 + 0.3 = 19.2 vs + generate 4.2

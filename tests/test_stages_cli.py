@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import random
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,6 +31,33 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rlhf_ray.cli", *args], capture_output=True, text=True, timeout=600)
 
 
+def _cli_on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """The CLI in its own process with stdout on a pseudo-terminal, as when a person runs it: (rc, what the
+    terminal received, stderr)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", *args], stdin=subprocess.DEVNULL, stdout=slave,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, TERM="xterm"))
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # the terminal's buffer is small: read while the CLI writes
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: no process holds the terminal side any more
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    _, err = proc.communicate(timeout=600)
+    reader.join(timeout=10)
+    os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace"), err
+
+
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -38,6 +69,10 @@ def test_sft_cli_writes_config_metrics_and_a_loadable_checkpoint(tiny_model_dir:
                 "sft.epochs=3", "sft.batch_size=16", "sft.lr=3e-3", "sft.max_len=48",
                 f"train.output_dir={tmp_path}", "train.run_name=sft")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # stdout is a pipe, as in a log or CI: one line per epoch, no in-place bar
+    epochs = [line for line in proc.stdout.splitlines() if line.startswith("sft epoch")]
+    assert [line.split(" | ")[0] for line in epochs] == ["sft epoch 1/3", "sft epoch 2/3", "sft epoch 3/3"], proc.stdout
+    assert "\r" not in proc.stdout and "[#" not in proc.stdout
     run = tmp_path / "sft"
     assert "policy_path" in (run / "config.yaml").read_text()
     losses = [m["sft/sft_loss"] for m in _metrics(run) if "sft/sft_loss" in m]
@@ -70,10 +105,16 @@ def _pairs(n: int, seed: int) -> list[dict]:
 @pytest.mark.slow
 def test_rm_cli_writes_heldout_accuracy_and_a_loadable_reward_model(tiny_model_dir: Path, tmp_path: Path):
     data = _write_jsonl(tmp_path / "prefs.jsonl", _pairs(128, seed=0))
-    proc = _cli("rm", *COMMON, f"model.policy_path={tiny_model_dir / 'policy'}", f"data.preferences.path={data}",
-                "rm.epochs=3", "rm.batch_size=16", "rm.lr=1e-3", "rm.max_len=48", "rm.eval_fraction=0.25",
-                f"train.output_dir={tmp_path}", "train.run_name=rm")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    rc, terminal, err = _cli_on_a_terminal(
+        "rm", *COMMON, f"model.policy_path={tiny_model_dir / 'policy'}", f"data.preferences.path={data}",
+        "rm.epochs=3", "rm.batch_size=16", "rm.lr=1e-3", "rm.max_len=48", "rm.eval_fraction=0.25",
+        f"train.output_dir={tmp_path}", "train.run_name=rm")
+    assert rc == 0, err[-3000:]
+    # on a terminal: a bar rewritten in place after each of the epoch's 6 steps (96 rows / 16), a line per epoch
+    for epoch in (1, 2, 3):
+        assert re.search(rf"\r\x1b\[Krm epoch {epoch}/3 \[#+-+\] 5/6 \|[^\r]* rm_loss \S+ \| eta ", terminal), terminal
+        assert re.search(rf"\r\x1b\[Krm epoch {epoch}/3 \|[^\r]* rm_loss \S+ \| \S+ \| eta \S+\r\n", terminal)
+    assert terminal.count("\r\x1b[Krm epoch 1/3 [") == 5 and "] 6/6" not in terminal  # the 6th step prints the line
     run = tmp_path / "rm"
     assert (run / "config.yaml").is_file()
     rows = _metrics(run)

@@ -31,9 +31,12 @@ from rlhf_ray.driver.memory_estimate import (
     inference_bytes,
     learner_bytes,
     load_shape,
+    reward_model_bytes,
     rollout_memory,
+    shared_gpu_bytes,
     step_seconds,
 )
+from rlhf_ray.sizing import bundle_members, shares_policy_placement
 
 
 class NodePool(BaseModel):
@@ -107,8 +110,8 @@ def sizing_lines(plan: Plan, spec: ClusterSpec, shape: ModelShape, assume: Assum
     ok, seen = True, set()
     for r in plan.requests:
         gpus = r.resources.get("GPU", 0.0)
-        if gpus == 0 or r.kind in seen:
-            continue
+        if gpus == 0 or r.kind in seen or (r.bundle is not None and r.kind != "rollout"):
+            continue  # what shares a learner's GPU is counted on that GPU's line below
         seen.add(r.kind)
         pool = spec.pools[pool_of[r.name]]
         if r.kind == "rollout":
@@ -121,12 +124,17 @@ def sizing_lines(plan: Plan, spec: ClusterSpec, shape: ModelShape, assume: Assum
                 f"({m.kv_bytes_per_token / 1024:.0f} KiB/token, {m.kv_tokens // cfg.model.max_model_len} sequences of "
                 f"{cfg.model.max_model_len}) -> {'fits' if fits else 'DOES NOT FIT'}")
         else:
-            parts = (learner_bytes(shape, cfg, cfg.learner.num_ranks, assume) if r.kind == "learner"
-                     else inference_bytes(shape, cfg, assume, lm_head=r.kind == "reference"))
+            parts = _member_bytes(r.kind, shape, cfg, pool.gpu_memory_gib, assume)
             label = {"learner": f"learner rank ({cfg.learner.num_ranks} in ZeRO)", "reference": "reference",
-                     "reward": "reward model (policy's shape)"}[r.kind]
-            line, fits = _device_line(label, pool_of[r.name], pool.gpu_memory_gib * min(gpus, 1.0), parts)
+                     "reward": "reward model (vLLM)" if cfg.reward.use_model else "reward"}[r.kind]
+            share = 1.0 if shares_policy_placement(cfg) else min(gpus, 1.0)  # shared: the whole GPU, lines below
+            line, fits = _device_line(label, pool_of[r.name], pool.gpu_memory_gib * share, parts)
             lines.append(line)
+        ok = ok and fits
+    if shares_policy_placement(cfg):
+        shared, fits = shared_gpu_lines(cfg, spec.pools[pool_of["policy-learner-0"]], pool_of["policy-learner-0"],
+                                        shape, assume)
+        lines += shared
         ok = ok and fits
     rollout_pool = spec.pools[pool_of["rollout-0"]]
     learner_pool = spec.pools[pool_of[next(r.name for r in plan.requests if r.kind == "learner")]]
@@ -143,6 +151,46 @@ def sizing_lines(plan: Plan, spec: ClusterSpec, shape: ModelShape, assume: Assum
                   f"  assuming train MFU {a.train_mfu:g}, generation MFU {a.generate_mfu:g}, prompts of "
                   f"{a.prompt_tokens} tokens, responses {a.response_fill:g} × max_new_tokens, weight sync at "
                   f"{a.sync_gb_per_s:g} GB/s; stages run one after another"]
+    return lines, ok
+
+
+def _kind_of(name: str) -> str:
+    """The actor kind of a name in `sizing.bundle_members`: policy-learner-0 -> learner, rollout-3 -> rollout."""
+    return "learner" if "learner" in name else name.split("-")[0]
+
+
+def _member_bytes(kind: str, shape: ModelShape, cfg: RunConfig, gpu_gib: float, assume: Assumptions) -> dict[str, float]:
+    """Peak bytes by part of one actor of `kind` on a GPU of `gpu_gib` GiB."""
+    if kind == "learner":
+        return learner_bytes(shape, cfg, cfg.learner.num_ranks, assume)
+    if kind == "rollout":
+        return {"vLLM budget": cfg.rollout.gpu_memory_utilization * gpu_gib * GIB}
+    if kind == "reward":
+        return reward_model_bytes(shape, cfg, gpu_gib, assume) if cfg.reward.use_model else {}
+    return inference_bytes(shape, cfg, assume)
+
+
+def shared_gpu_lines(cfg: RunConfig, pool: NodePool, pool_name: str, shape: ModelShape,
+                     assume: Assumptions) -> tuple[list[str], bool]:
+    """One line per distinct policy learner bundle: the peaks of everything on its GPU, summed
+    (`shared_gpu_bytes`), against the GPU's memory; False when one does not fit."""
+    lines, ok, done = [], True, set()
+    kinds_per_bundle = [tuple(_kind_of(name) for name, _ in members) for members in bundle_members(cfg)]
+    for kinds in kinds_per_bundle:
+        if kinds in done or len(kinds) == 1:  # a rank alone: its line is above
+            continue
+        done.add(kinds)
+        parts = {k: _member_bytes(k, shape, cfg, pool.gpu_memory_gib, assume) for k in kinds}
+        reward_short = "reward" in parts and parts["reward"].get("KV cache", 0.0) < 0
+        total = shared_gpu_bytes(parts)
+        fits = total <= pool.gpu_memory_gib * GIB and not reward_short
+        ok = ok and fits
+        shown = " + ".join(f"{k} {_gib(sum(v.values()))}" for k, v in parts.items())
+        ranks = [j for j, k in enumerate(kinds_per_bundle) if k == kinds]
+        which = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+        lines.append(f"  {'shared GPU, ' + which:<26} on {pool_name} ({pool.gpu_memory_gib:g} GiB): {shown} = "
+                     f"{_gib(total)} GiB (peaks summed) -> {'fits' if fits else 'DOES NOT FIT'}"
+                     + (" (the reward model's weights exceed reward.gpu_memory_utilization)" if reward_short else ""))
     return lines, ok
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from transformers import AutoTokenizer
 
 from actors import RewardActor, ReferenceActor, RolloutPool
@@ -26,14 +27,15 @@ from rlhf_ray.checkpoint import CheckpointWriter, capture_rng, latest_complete, 
 from rlhf_ray.config import RunConfig, save_resolved
 from rlhf_ray.data import PromptSampler, load_dataset
 from rlhf_ray.driver.plan import weight_sync_backend
-from rlhf_ray.sizing import colocated_bundle
 from rlhf_ray.hardware import compute_runtime_env
 from rlhf_ray.driver.preflight import check_cluster, preflight
 from rlhf_ray.driver.run_folder import run_dir_for  # noqa: F401 (callers import it from here)
 from rlhf_ray.ray_utils import get_with_timeout, init_ray
 from rlhf_ray.rewards import RewardNormalizer
 from rlhf_ray.driver.step_guard import StepGuard
-from rlhf_ray.sizing import batch_math, resource_requests
+from rlhf_ray.sizing import (
+    ResourceRequest, batch_math, policy_bundles, resource_requests, shares_policy_placement,
+)
 from rlhf_ray.driver.storage import check_shared_run_folder
 from rlhf_ray.tracking import Tracker
 
@@ -84,18 +86,28 @@ class RemoteCall:
         return lambda: get_with_timeout([ref], [self.name], f"{self.name}.{method}", self.timeout_s)[0]
 
 
-def colocated_placement(cfg: RunConfig) -> PlacementGroup | None:
-    """With rollout.colocate, a placement group of learner.num_ranks bundles, each holding one learner rank and one
-    rollout actor (so they share its GPU); None otherwise. The caller removes it."""
-    if not cfg.rollout.colocate:
+def policy_placement(cfg: RunConfig) -> PlacementGroup | None:
+    """The policy learner group's placement group when something shares its GPUs (rollout.colocate,
+    reference.colocate, reward.colocate): one bundle per rank, `sizing.policy_bundles`; None otherwise (the
+    group then makes its own). The caller removes it."""
+    if not shares_policy_placement(cfg):
         return None
-    bundle = colocated_bundle(cfg)
-    pg = placement_group([bundle] * cfg.learner.num_ranks, strategy="PACK")
+    bundles = policy_bundles(cfg)
+    pg = placement_group(bundles, strategy="PACK")
     ready, _ = ray.wait([pg.ready()], timeout=cfg.rollout.call_timeout_s)
     if not ready:
         remove_placement_group(pg)
-        raise RuntimeError(f"rollout.colocate: {cfg.learner.num_ranks} bundles of {bundle} could not be placed")
+        raise RuntimeError(f"the policy learners' {len(bundles)} bundles {bundles} (with what shares their GPUs) "
+                           f"could not be placed within {cfg.rollout.call_timeout_s:.0f}s")
     return pg
+
+
+def helper_options(request: ResourceRequest, shared: PlacementGroup | None) -> dict[str, Any]:
+    """Ray options of the reference or reward actor: its request, in its policy learner bundle when colocated."""
+    options = request.ray_options()
+    if request.bundle is not None:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(shared, request.bundle)
+    return options
 
 
 def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
@@ -111,10 +123,10 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
     check_cluster(cfg, ray.cluster_resources(), ray.nodes())
     closers: list = []
     try:
-        shared = colocated_placement(cfg)  # rollout.colocate: one bundle per (learner rank, rollout actor) pair
+        shared = policy_placement(cfg)  # one bundle per policy rank, with what shares its GPU
         if shared is not None:
             closers.append(lambda: remove_placement_group(shared))
-        pool = RolloutPool(cfg.model, cfg.rollout, colocate_in=shared)
+        pool = RolloutPool(cfg.model, cfg.rollout, colocate_in=shared if cfg.rollout.colocate else None)
         closers.append(pool.shutdown)
         total_updates = batch_math(cfg).optimizer_steps_per_run
         policy = LearnerGroup(
@@ -129,13 +141,10 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
             closers.append(critic.shutdown)
         check_shared_run_folder(run_dir, [policy] + ([critic] if critic else []))
         timeout = cfg.rollout.call_timeout_s
-        requests = {r.name: r.ray_options() for r in resource_requests(cfg)}  # what `rlhf-ray plan` shows
+        requests = {r.name: helper_options(r, shared) for r in resource_requests(cfg)}  # what `rlhf-ray plan` shows
         reference_handle = start_reference(cfg, requests["reference"])
         closers.append(lambda: ray.kill(reference_handle))
-        reward_env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "0"}}
-        reward_handle = ray.remote(RewardActor).options(**requests["reward"], runtime_env=reward_env).remote(
-            cfg.model, cfg.reward
-        )
+        reward_handle = start_reward(cfg, requests["reward"])
         closers.append(lambda: ray.kill(reward_handle))
         reference = RemoteCall(reference_handle, "reference", timeout)
         reward = RemoteCall(reward_handle, "reward", cfg.reward.timeout_s * 10)
@@ -160,11 +169,17 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
 def start_reference(cfg: RunConfig, ray_options: dict[str, Any]) -> Any:
     """The ReferenceActor's Ray handle, started like a learner rank: nice 0, dense-compute OpenMP policy.
 
-    On CPU the reference runs between the learners' stages, so it may use as many threads as a rank.
+    On CPU the reference runs between the learners' stages, so it may use as many threads as it has CPUs.
     """
     return ray.remote(ReferenceActor).options(**ray_options, runtime_env=compute_runtime_env()).remote(
-        cfg.model.policy_path, cfg.model, cfg.learner.micro_batch_size, max(1, int(cfg.learner.num_cpus_per_rank))
+        cfg.model.policy_path, cfg.model, cfg.learner.micro_batch_size, max(1, int(ray_options["num_cpus"]))
     )
+
+
+def start_reward(cfg: RunConfig, ray_options: dict[str, Any]) -> Any:
+    """The RewardActor's Ray handle; its vLLM engine (if any) runs in the actor's own process."""
+    env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "0"}}
+    return ray.remote(RewardActor).options(**ray_options, runtime_env=env).remote(cfg.model, cfg.reward)
 
 
 def write_placement(path: Path, pool: RolloutPool, groups: list[LearnerGroup]) -> None:

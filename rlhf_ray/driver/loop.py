@@ -23,6 +23,7 @@ from rlhf_ray.driver.components import RunComponents, build_components, restore_
 from rlhf_ray.driver.dynamic_sampling import fill_with_informative_groups, score_rollout
 from rlhf_ray.driver.step_guard import StepGuard
 from rlhf_ray.tracking import StageTimer
+from rlhf_ray.progress import LiveLine, stage_status
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,11 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
     metrics: dict[str, Any] = {}
     flat_watch = FlatRewardWatch(cfg.train.flat_reward_warn_steps, cfg.train.flat_reward_stop_steps)
     run_start = time.perf_counter()
+    live = LiveLine()  # on a terminal: a bar of the step in progress, rewritten as each stage starts
     try:
         for step in range(start, cfg.train.steps):
-            timer, step_start = StageTimer(), time.perf_counter()
+            timer = StageTimer(on_start=stage_status(live, step, cfg.train.steps, run_start))
+            step_start = time.perf_counter()
             pool_metrics = apply_scaling(c, step)  # the size asked for by `rlhf-ray scale`, between steps
 
             # 1. rollout: n samples for each of B prompts (in async mode, generated during the previous step)
@@ -175,7 +178,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
             c.tracker.log_samples(step, prompts, responses, rewards["scores"].tolist())
             log_failures(c.tracker, step, rollout)
             eta = (time.perf_counter() - run_start) / (step + 1 - start) * (cfg.train.steps - step - 1)
-            print(c.tracker.console_line(step, cfg.train.steps, step_metrics, eta), flush=True)
+            live.line(c.tracker.console_line(step, cfg.train.steps, step_metrics, eta))
             last = step + 1 == cfg.train.steps or stop
             if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 or last:
                 save_checkpoint(c, step + 1, kl_ctl, guard, pending_batches=int(pending is not None))
@@ -185,6 +188,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]
                             step + 1, cfg.train.flat_reward_stop_steps)
                 break
     finally:
+        live.close()
         c.close()
     final = latest_complete(c.checkpoints.root, verify="size")
     if final is not None:

@@ -124,6 +124,22 @@ def inference_bytes(shape: ModelShape, cfg: RunConfig, assume: Assumptions, lm_h
             "overhead": assume.overhead_gib * GIB}
 
 
+def reward_model_bytes(shape: ModelShape, cfg: RunConfig, gpu_memory_gib: float, assume: Assumptions) -> dict[str, float]:
+    """Bytes the reward model's vLLM engine takes on its GPU: reward.gpu_memory_utilization × the GPU's memory,
+    split into weights (the policy's shape), overhead and the KV cache left (negative: the weights do not fit)."""
+    budget = cfg.reward.gpu_memory_utilization * gpu_memory_gib * GIB
+    weights = DTYPE_BYTES[cfg.model.dtype] * shape.parameters
+    overhead = assume.vllm_overhead_gib * GIB
+    return {"weights": weights, "overhead": overhead, "KV cache": budget - weights - overhead}
+
+
+def shared_gpu_bytes(members: dict[str, dict[str, float]]) -> float:
+    """Peak bytes on one GPU shared by several processes: the sum of each one's peak. Each process keeps its
+    own peak reserved (PyTorch's caching allocator does not hand memory back; vLLM reserves its whole budget
+    while awake), so the peaks add up even when the processes run at different times."""
+    return sum(sum(parts.values()) for parts in members.values())
+
+
 @dataclass(frozen=True)
 class RolloutMemory:
     budget: float  # gpu_memory_utilization × GPU memory (bytes)

@@ -17,7 +17,10 @@ import sys
 from dataclasses import dataclass, field
 
 from rlhf_ray.config import RunConfig
-from rlhf_ray.sizing import BUILTIN, BatchMath, ResourceRequest, batch_math, resource_requests
+from rlhf_ray.sizing import (
+    BUILTIN, BatchMath, ResourceRequest, batch_math, bundle_members, policy_bundles, resource_requests,
+    shares_policy_placement,
+)
 from rlhf_ray.hardware import COMPUTE_PROCESS_ENV, auto_dtype
 
 # The config fields that set each kind's count and per-actor amounts, named in every error's fix.
@@ -71,6 +74,9 @@ class Plan:
             lines.append(f"  {label:<28} {_fmt_res(req.resources):<34} -> {self._where(req)}")
         lines.append(f"  {'total':<28} {_fmt_res(self.needed)}")
         lines.append(f"  {'cluster has':<28} {_fmt_res({k: self.cluster.get(k, 0.0) for k in self.needed})}")
+        if shares_policy_placement(cfg):
+            lines += ["", "shared GPUs (the policy learners' placement group: one bundle per rank, one GPU each)"]
+            lines += ["  " + line for line in describe_bundles(cfg)]
         lines += ["", "weight sync", "  " + _describe_transport(cfg, self.transport)]
         lines += ["", "KL penalty", "  " + _describe_kl(cfg)]
         lines += [
@@ -92,6 +98,9 @@ class Plan:
         return "\n".join(lines)
 
     def _where(self, req: ResourceRequest) -> str:
+        if req.bundle is not None:
+            rank = "policy-learner-i's bundle (same i)" if req.kind == "rollout" else f"policy-learner-{req.bundle}'s bundle"
+            return f"in {rank}, sharing its GPU"
         custom = [k for k in req.resources if k not in BUILTIN]
         pool = f"nodes offering {', '.join(custom)}" if custom else "any node with the CPU/GPU free"
         hosts = self.hosts.get(req.name)
@@ -110,6 +119,19 @@ def _groups(requests: list[ResourceRequest]) -> list[tuple[list[str], ResourceRe
         else:
             groups.append(([r.name], r))
     return groups
+
+
+def describe_bundles(cfg: RunConfig) -> list[str]:
+    """One line per run of equal policy learner bundles: its Ray request and the GPU shares of what it holds."""
+    lines: list[tuple[list[int], str]] = []
+    for i, (bundle, members) in enumerate(zip(policy_bundles(cfg), bundle_members(cfg))):
+        kinds = " + ".join(f"{name.rsplit('-', 1)[0] if name[-1].isdigit() else name} {share:g}" for name, share in members)
+        text = f"{_fmt_res(bundle)}: {kinds} of one GPU"
+        if lines and lines[-1][1] == text:
+            lines[-1][0].append(i)
+        else:
+            lines.append(([i], text))
+    return [f"{'bundle ' + (str(r[0]) if len(r) == 1 else f'{r[0]}-{r[-1]}'):<14} {text}" for r, text in lines]
 
 
 def _fmt_res(res: dict[str, float]) -> str:
@@ -188,7 +210,9 @@ def _knobs(kinds: list[str], resources: list[str], per_actor: bool = False) -> s
     """The config fields that lower `resources` for these kinds of actor (only per-actor amounts if `per_actor`)."""
     fields = []
     for kind in kinds:
-        kind = "learner" if kind == "reference" else kind  # the reference copies a learner rank's request
+        if kind == "reference":  # a learner rank's request, or with reference.colocate a share of its own
+            fields += [{"CPU": "reference.num_cpus", "GPU": "reference.num_gpus"}.get(k, "") for k in resources]
+            kind = "learner"
         if not per_actor:
             fields.append(COUNT_FIELD.get(kind, ""))
         fields += [AMOUNT_FIELD[kind][k if k in BUILTIN else "custom"] for k in resources]
@@ -243,6 +267,18 @@ def make_plan(cfg: RunConfig, cluster_resources: dict[str, float], nodes: list[d
                 f"(nodes: {offers}); fix: use bigger nodes, or lower "
                 f"{_knobs([r.kind], lacking or list(r.resources), per_actor=True)}"
             )
+    if shares_policy_placement(cfg):  # a bundle is placed whole, on one node: the rank with what shares its GPU
+        bundles = policy_bundles(cfg)
+        for r in reqs:
+            if r.bundle is not None:
+                hosts[r.name] = hosts.get(f"policy-learner-{r.bundle}", [])
+        for i, bundle in enumerate(bundles):
+            if alive and not any(_fits(bundle, n["Resources"]) for n in alive):
+                errors.append(
+                    f"policy learner bundle {i} needs {_fmt_res(bundle)} on one node (rank {i} and what shares its "
+                    "GPU), but no alive node offers that much; fix: use bigger nodes, or set rollout.colocate, "
+                    "reference.colocate or reward.colocate to false"
+                )
 
     transport = weight_sync_backend(cfg)
     if transport in ("nccl", "cuda_ipc") and cfg.rollout.num_gpus_per_actor == 0:

@@ -14,7 +14,7 @@ from learners import LearnerGroup
 from rlhf_ray.config import RunConfig, SupervisedConfig
 from rlhf_ray.data import tokenize_preferences, tokenize_sft
 from rlhf_ray.data.tokenize import cut_responses, pad_id, pad_right
-from rlhf_ray.tracking import EpochProgress
+from rlhf_ray.progress import EpochProgress
 
 log = logging.getLogger(__name__)
 Logger = Callable[[dict[str, float], int], None]

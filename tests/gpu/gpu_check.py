@@ -112,7 +112,7 @@ def check_colocated(path: str) -> dict[str, float]:
     from learners import LearnerGroup
     from rlhf_ray.config import SamplingConfig, load_config
     from rlhf_ray.driver.broadcaster import WeightBroadcaster
-    from rlhf_ray.driver.components import colocated_placement
+    from rlhf_ray.driver.components import policy_placement
     from rlhf_ray.protocol import collate
 
     cfg = load_config(None, [
@@ -122,7 +122,7 @@ def check_colocated(path: str) -> dict[str, float]:
         "learner.micro_batch_size=4", "learner.minibatch_size=8", "learner.lr=1e-4", "weight_sync.bucket_mb=256",
     ])
     figures: dict[str, float] = {"mem_before_mib": gpu_memory_used_mib()}
-    shared = colocated_placement(cfg)
+    shared = policy_placement(cfg)
     pool = policy = None
     try:
         pool = RolloutPool(cfg.model, cfg.rollout, colocate_in=shared)  # asleep after its warm-up
