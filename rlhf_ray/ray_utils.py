@@ -9,6 +9,7 @@ import ray
 
 from rlhf_ray.config import ClusterConfig
 from rlhf_ray.console import apply_worker_output, routed_worker_output
+from rlhf_ray.session_reaper import start_reaper
 from rlhf_ray.worker_secrets import secrets_runtime_env
 
 
@@ -32,6 +33,8 @@ def init_ray(cluster: ClusterConfig | None = None) -> None:
     """Connect to `cluster.address`, or start a local head bound to `cluster.host` (127.0.0.1 by default).
 
     The dashboard stays off unless `cluster.dashboard` is set, and then listens on `cluster.host` only.
+    A local head's processes (workers, agents, vLLM included) end with this process, even on SIGKILL
+    (`rlhf_ray.session_reaper`); with `cluster.address` Ray's ownership ends this driver's actors.
     """
     cluster = cluster or ClusterConfig()
     if ray.is_initialized():
@@ -42,6 +45,7 @@ def init_ray(cluster: ClusterConfig | None = None) -> None:
     if cluster.address:
         ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=True, **quiet)
     else:
+        start_reaper()  # before ray.init: every process of the session inherits its token
         ray.init(
             num_cpus=cluster.num_cpus,
             include_dashboard=cluster.dashboard,

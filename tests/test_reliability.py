@@ -326,3 +326,50 @@ def test_reward_functions_load_only_from_dotted_paths() -> None:
     for path in ("__import__('os').system('true')", "os.system", "/tmp/x.py:f", "lambda: 1"):
         with pytest.raises(RewardFunctionError, match="not a dotted path"):
             load_reward_fn(path)
+
+
+DRIVER = """
+import os, subprocess, sys, time
+from rlhf_ray.session_reaper import TOKEN_VAR, start_reaper
+start_reaper()
+sleep = [sys.executable, "-c", "import time; time.sleep(300)"]
+# a child that starts a grandchild in its own session, as Ray's raylet starts workers and agents
+subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen(sys.argv[1:], "
+                  "start_new_session=True); time.sleep(300)", *sleep])
+# another run's process: no token
+other = subprocess.Popen(sleep, env={k: v for k, v in os.environ.items() if k != TOKEN_VAR}, start_new_session=True)
+print(os.environ[TOKEN_VAR], other.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_killed_driver_takes_its_marked_processes_along_and_no_other() -> None:
+    """The reaper of `rlhf_ray.session_reaper`: SIGKILL the driver, and its child and the grandchild in
+    another session (what PR_SET_PDEATHSIG misses) end within seconds; a process without the token lives."""
+    import signal
+    import time
+
+    from rlhf_ray.session_reaper import marked_processes
+
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    token, other_pid = driver.stdout.readline().split()
+    other = psutil.Process(int(other_pid))
+    try:
+        deadline = time.monotonic() + 30
+        while len(marked_processes(token)) < 2 and time.monotonic() < deadline:  # child and grandchild
+            time.sleep(0.05)
+        assert len(marked_processes(token)) == 2
+        reaper = [p for p in psutil.Process(driver.pid).children() if "rlhf_ray.session_reaper" in p.cmdline()]
+        assert len(reaper) == 1
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        killed_at = time.monotonic()
+        while marked_processes(token) and time.monotonic() - killed_at < 10:
+            time.sleep(0.05)
+        assert marked_processes(token) == [], "marked processes outlived the driver by 10 s"
+        assert other.is_running() and other.status() != psutil.STATUS_ZOMBIE
+        reaper[0].wait(timeout=10)  # the reaper ends once its work is done
+    finally:
+        other.kill()
+        for pid in marked_processes(token):
+            psutil.Process(pid).kill()
