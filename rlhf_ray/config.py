@@ -370,6 +370,13 @@ class TrackingConfig(Section):
     entity: str = ""
     mode: Literal["offline", "online", "disabled"] = "offline"
     log_samples: int = Field(8, ge=0, description="Generations per step in the W&B table.")
+    resume: Literal["rewind", "append"] = Field(
+        "rewind", description="How `--resume` continues the run's W&B run (the same run id either way). rewind: "
+        "back to the checkpoint's step (W&B's `resume_from`), so the steps run again replace the killed run's "
+        "and W&B's history equals metrics.jsonl; needs a W&B server with run rewind (W&B's cloud) when synced. "
+        "append: W&B's plain resume, for servers without rewind; W&B ignores steps below the last one it holds, "
+        "so it keeps the killed run's values of the steps run again.",
+    )
 
 
 class CheckpointConfig(Section):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from typing import Any
+import socket
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import ray
 
 from rlhf_ray.config import ClusterConfig
 from rlhf_ray.console import apply_worker_output, routed_worker_output
+from rlhf_ray.session_reaper import start_reaper
 from rlhf_ray.worker_secrets import secrets_runtime_env
 
 
@@ -40,6 +44,8 @@ def init_ray(cluster: ClusterConfig | None = None) -> None:
     """Connect to `cluster.address`, or start a local head bound to `cluster.host` (127.0.0.1 by default).
 
     The dashboard stays off unless `cluster.dashboard` is set, and then listens on `cluster.host` only.
+    A local head's processes (workers, agents, vLLM included) end with this process, even on SIGKILL
+    (`rlhf_ray.session_reaper`); with `cluster.address` Ray's ownership ends this driver's actors.
     """
     cluster = cluster or ClusterConfig()
     if ray.is_initialized():
@@ -50,16 +56,52 @@ def init_ray(cluster: ClusterConfig | None = None) -> None:
     if cluster.address:
         ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=True, **quiet)
     else:
-        ray.init(
-            num_cpus=cluster.num_cpus,
-            include_dashboard=cluster.dashboard,
-            dashboard_host=cluster.host,
-            _node_ip_address=cluster.host,
-            runtime_env=runtime_env,
-            log_to_driver=True,
-            **quiet,
-        )
+        start_reaper()  # before ray.init: every process of the session inherits its token
+        with node_address_kept(cluster.host):
+            ray.init(
+                num_cpus=cluster.num_cpus,
+                include_dashboard=cluster.dashboard,
+                dashboard_host=cluster.host,
+                _node_ip_address=cluster.host,
+                runtime_env=runtime_env,
+                log_to_driver=True,
+                **quiet,
+            )
     apply_worker_output()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) is this machine's loopback (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            return False
+
+
+@contextmanager
+def node_address_kept(host: str) -> Iterator[None]:
+    """Keep a loopback `host` as the local head's node address during `ray.init`.
+
+    Ray swaps a loopback node address for the host's interface address (so that other hosts could join),
+    and the node's servers, agents and the autoscaler monitor then listen there or on every interface.
+    It keeps loopback when it considers multi-host clusters off, its switch for macOS and Windows
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, read once at import into `ray_constants.ENABLE_RAY_CLUSTER`,
+    consulted only when a node address is chosen); a local head on 127.0.0.1 is such a single-host cluster.
+    """
+    if not is_loopback(host):
+        yield
+        return
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def get_with_timeout(refs: list[ray.ObjectRef], names: list[str], what: str, timeout_s: float) -> list[Any]:

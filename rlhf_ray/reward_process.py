@@ -3,8 +3,8 @@
 A reward function is user code. Imported in the driver or an actor it would see every secret of
 the environment, could hang the run, exhaust its memory, or end it with `sys.exit` at import. Here
 each configured function lives in its own `python -m rlhf_ray.reward_worker` process started with:
-- an environment holding only PATH, locale, TMPDIR, the parent's import path (PYTHONPATH) and the
-  variables named in `reward.env_passthrough` (no secret unless named there);
+- an environment holding only PATH, locale, TMPDIR, the parent's import path (PYTHONPATH), the
+  session token of `rlhf_ray.session_reaper` and the variables named in `reward.env_passthrough` (no secret unless named there);
 - an address-space cap of `reward.memory_mb` MiB (`RLIMIT_AS`);
 - a time limit per row, `reward.row_timeout_s`: a row that takes longer is masked, the child is
   killed and a fresh one serves the next rows.
@@ -28,10 +28,12 @@ from typing import Any
 from rlhf_ray.config import RewardConfig
 from rlhf_ray.rewards import _PATH_RE, RewardFunctionError, RuleScores, _as_finite_float
 from rlhf_ray.safe_yaml import shorten
+from rlhf_ray.session_reaper import TOKEN_VAR
 
 log = logging.getLogger(__name__)
 
-BASE_ENV = ("PATH", "LANG", "LC_ALL", "TMPDIR", "OMP_NUM_THREADS")
+# TOKEN_VAR marks the child as a process of this Ray session, so that it ends with the driver.
+BASE_ENV = ("PATH", "LANG", "LC_ALL", "TMPDIR", "OMP_NUM_THREADS", TOKEN_VAR)
 
 
 def child_environment(passthrough: list[str]) -> dict[str, str]:

@@ -39,6 +39,7 @@ def test_overrides_apply_with_yaml_types():
         ("learner.zero_stage=4", "learner.zero_stage: Input should be 'auto', 0, 1, 2 or 3 (got 4)"),
         ("rollout.num_actors=two", "rollout.num_actors: Input should be a valid integer"),
         ("algorithm.name=dpo", "algorithm.name: Input should be 'ppo', 'grpo', 'dr_grpo', 'dapo', 'gspo', 'rloo'"),
+        ("tracking.resume=restart", "tracking.resume: Input should be 'rewind' or 'append' (got 'restart')"),
     ],
 )
 def test_bad_values_name_field_value_and_allowed(override, expected):

@@ -326,3 +326,74 @@ def test_reward_functions_load_only_from_dotted_paths() -> None:
     for path in ("__import__('os').system('true')", "os.system", "/tmp/x.py:f", "lambda: 1"):
         with pytest.raises(RewardFunctionError, match="not a dotted path"):
             load_reward_fn(path)
+
+
+DRIVER = """
+import subprocess, sys, time
+from rlhf_ray.session_reaper import start_reaper
+print(start_reaper(), flush=True)
+time.sleep(1)  # the reaper records the driver's descendants every 0.5 s
+# a child that starts a grandchild in its own session, as Ray's raylet starts its agents; the grandchild
+# sets its process title as Ray's workers do, which wipes the token from /proc/PID/environ
+grandchild = "import setproctitle, time; setproctitle.setproctitle('ray::Agent'); time.sleep(300)"
+subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+                  "sys.argv[1]], start_new_session=True); time.sleep(300)", grandchild])
+time.sleep(300)
+"""
+
+
+def test_a_killed_driver_takes_its_session_processes_along_and_no_other() -> None:
+    """The reaper of `rlhf_ray.session_reaper`: SIGKILL the driver, and its child and the grandchild in
+    another session with a process title (what PR_SET_PDEATHSIG and the environment token miss) end
+    within seconds; a process that is neither the driver's descendant nor carries its token lives."""
+    import signal
+    import time
+
+    from rlhf_ray.session_reaper import process_table
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    token = driver.stdout.readline().strip()
+    try:
+        titled: list[psutil.Process] = []
+        deadline = time.monotonic() + 30
+        while not titled and time.monotonic() < deadline:
+            titled = [p for p in psutil.Process(driver.pid).children(recursive=True) if p.name() == "ray::Agent"]
+            time.sleep(0.05)
+        session = psutil.Process(driver.pid).children(recursive=True)
+        reaper = [p for p in session if "rlhf_ray.session_reaper" in p.cmdline()]
+        assert len(reaper) == 1 and len(titled) == 1 and len(session) == 3  # the reaper, the child, the grandchild
+        assert token.encode() not in Path(f"/proc/{titled[0].pid}/environ").read_bytes()
+        time.sleep(0.6)  # one more scan of the reaper's, after the grandchild started
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        killed_at = time.monotonic()
+        rest = [p for p in session if p not in reaper]
+        while any(p.pid in process_table() for p in rest) and time.monotonic() - killed_at < 10:
+            time.sleep(0.05)
+        assert not [p.pid for p in rest if p.pid in process_table()], "outlived the driver by 10 s"
+        assert other.poll() is None
+        reaper[0].wait(timeout=10)  # the reaper ends once its work is done
+    finally:
+        other.kill()
+        for p in psutil.Process(driver.pid).children(recursive=True) if driver.poll() is None else []:
+            p.kill()
+        driver.kill()
+
+
+def test_a_loopback_head_keeps_its_node_address_and_nothing_else_changes() -> None:
+    """Ray swaps a loopback node address for the host's interface address in `ray.init`; inside
+    `node_address_kept` it keeps 127.0.0.1 (the real run's node and listeners: test_reliability_run.py)."""
+    from ray._private import ray_constants, services
+
+    from rlhf_ray.ray_utils import is_loopback, node_address_kept
+
+    assert [is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "10.0.0.1", "0.0.0.0", "no-such.invalid")] == [
+        True, True, True, False, False, False]
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    with node_address_kept("127.0.0.1"):
+        assert services.resolve_ip_for_localhost("127.0.0.1") == "127.0.0.1"
+    with node_address_kept("10.0.0.1"):
+        assert ray_constants.ENABLE_RAY_CLUSTER == before
+        assert services.resolve_ip_for_localhost("10.0.0.1") == "10.0.0.1"
+    assert ray_constants.ENABLE_RAY_CLUSTER == before

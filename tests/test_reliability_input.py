@@ -313,6 +313,42 @@ def test_metrics_are_cut_back_to_the_checkpoint_and_the_wandb_id_is_kept(tmp_pat
     assert [r["reward/mean"] for r in rows] == [0.0, 1.0, 12.0, 13.0, 14.0]
 
 
+@pytest.mark.parametrize("mode", ["rewind", "append"])
+def test_a_resumed_wandb_run_keeps_its_id_and_holds_the_steps_run_again(mode: str, tmp_path: Path) -> None:
+    """Offline W&B, steps 0-3 logged, a checkpoint at step 2 (its rows committed first), the run resumed
+    from it: the resumed run file has the same run id and rows 2-4 with the new values; with rewind it
+    names step 1 of that run as its branch point, so W&B replaces the first run's steps 2-3 on sync."""
+    from wandb_file import history, run_record
+
+    from rlhf_ray.config import TrackingConfig
+    from rlhf_ray.tracking import Tracker
+
+    cfg = TrackingConfig(mode="offline", resume=mode)
+    first = Tracker(cfg, tmp_path, "run", {})
+    for step in range(4):
+        first.log({"reward/mean": float(step)}, step=step)
+        if step == 1:
+            first.commit()  # what save_checkpoint does before the checkpoint of step 2
+    first.finish()
+    resumed = Tracker(cfg, tmp_path, "run", {})
+    assert resumed.run is None  # a continued run's W&B run waits for the step it continues from
+    resumed.rewind(2)
+    for step in range(2, 5):
+        resumed.log({"reward/mean": 10.0 + step}, step=step)
+    resumed.finish()
+
+    first_file, resumed_file = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    assert run_record(first_file).run_id == run_record(resumed_file).run_id == run_id
+    assert {s: r["reward/mean"] for s, r in history(first_file).items()} == {0: 0.0, 1: 1.0, 2: 2.0, 3: 3.0}
+    assert {s: r["reward/mean"] for s, r in history(resumed_file).items()} == {2: 12.0, 3: 13.0, 4: 14.0}
+    branch = run_record(resumed_file).branch_point
+    if mode == "rewind":
+        assert (branch.run, branch.metric, branch.value) == (run_id, "_step", 1.0)
+    else:
+        assert not run_record(resumed_file).HasField("branch_point")
+
+
 def test_worker_secrets_travel_in_a_private_file_not_the_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
     import stat
 

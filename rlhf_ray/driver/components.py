@@ -209,6 +209,7 @@ def save_checkpoint(
     pending_batches: prompt batches drawn ahead (async mode) that no update has used yet;
     the saved sampler position excludes them, so a resumed run draws them again.
     """
+    c.tracker.commit()  # W&B's file then holds every step this checkpoint covers, as metrics.jsonl does
     sampler = c.prompts.state_dict()
     if pending_batches:
         sampler = rewind_sampler(c.prompts, pending_batches)
