@@ -373,7 +373,8 @@ class TrackingConfig(Section):
     resume: Literal["rewind", "append"] = Field(
         "rewind", description="How `--resume` continues the run's W&B run (the same run id either way). rewind: "
         "back to the checkpoint's step (W&B's `resume_from`), so the steps run again replace the killed run's "
-        "and W&B's history equals metrics.jsonl; needs a W&B server with run rewind (W&B's cloud) when synced. "
+        "and W&B's history equals metrics.jsonl; a server without run rewind refuses it, and the resume then warns "
+        "and continues as append. "
         "append: W&B's plain resume, for servers without rewind; W&B ignores steps below the last one it holds, "
         "so it keeps the killed run's values of the steps run again.",
     )

@@ -369,7 +369,15 @@ class Tracker:
         if self._wandb_args is not None:
             run_id = self.wandb_run_id()
             if self.cfg.resume == "rewind":
-                self._start_wandb(resume_from=f"{run_id}?_step={step - 1}")
+                try:
+                    self._start_wandb(resume_from=f"{run_id}?_step={step - 1}")
+                except wandb.errors.Error as err:  # a server without run rewind: resume it plainly instead
+                    log.warning(
+                        "W&B could not rewind run %s to step %d (%s); continuing it as tracking.resume=append, "
+                        "so W&B keeps the killed run's values of steps %d and later", run_id, step - 1,
+                        str(err)[:200], step,
+                    )
+                    self._start_wandb(id=run_id, resume="allow")
             else:
                 self._start_wandb(id=run_id, resume="allow")
         return len(lines) - len(kept)

@@ -349,6 +349,40 @@ def test_a_resumed_wandb_run_keeps_its_id_and_holds_the_steps_run_again(mode: st
         assert not run_record(resumed_file).HasField("branch_point")
 
 
+def test_a_server_without_rewind_resumes_the_wandb_run_plainly_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """W&B servers without run rewind refuse `resume_from` at init: the resume warns and continues the same
+    run id as tracking.resume=append would, instead of ending the resumed training run."""
+    import wandb
+    from wandb_file import run_record
+
+    from rlhf_ray.config import TrackingConfig
+    from rlhf_ray.tracking import Tracker
+
+    cfg = TrackingConfig(mode="offline", resume="rewind")
+    first = Tracker(cfg, tmp_path, "run", {})
+    first.log({"reward/mean": 0.0}, step=0)
+    first.finish()
+    real_init = wandb.init
+
+    def init_refusing_rewind(**kwargs):  # what a server without rewind answers
+        if "resume_from" in kwargs:
+            raise wandb.errors.UsageError("resume_from is not supported by this server")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", init_refusing_rewind)
+    resumed = Tracker(cfg, tmp_path, "run", {})
+    with caplog.at_level("WARNING", logger="rlhf_ray.tracking"):
+        resumed.rewind(1)
+    resumed.log({"reward/mean": 1.0}, step=1)
+    resumed.finish()
+    assert "continuing it as tracking.resume=append" in caplog.text
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    files = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and {run_record(f).run_id for f in files} == {run_id}
+
+
 def test_worker_secrets_travel_in_a_private_file_not_the_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
     import stat
 
