@@ -280,7 +280,7 @@ def plain_loop_token_sum(tiny_model_dir: Path, exp: dict[str, torch.Tensor]) -> 
             x = logp - exp["ref_logprobs"][b, t]
             k3 = torch.exp(-x) - 1 + x
             total = total + pg - 0.01 * entropy + float(exp["kl_coef"]) * k3
-            pg_sum += float(pg)
+            pg_sum += float(pg.detach())
     total.backward()
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
     return float(norm), pg_sum
