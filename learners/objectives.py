@@ -4,7 +4,9 @@ Every objective returns (loss, stats): the loss is the micro-batch's own aggrega
 its tokens or its rows) and stats are floats averaged the same way. Each objective has a matching
 size function, the number of tokens or rows that mean is over; the update loop rescales by
 size / (size of the whole minibatch on all ranks), which turns the sum over micro-batches and
-ranks into exactly the minibatch aggregate (see `training.py`).
+ranks into exactly the minibatch aggregate (see `training.py`). With `loss_agg=token_sum` the loss
+is the micro-batch's token sum and is not rescaled (`loss_is_sum`): the sum of the micro-batch sums
+is the minibatch's; its stats are still per-token means, weighted by tokens.
 """
 
 from __future__ import annotations
@@ -43,10 +45,24 @@ def response_tokens(batch: Batch) -> torch.Tensor:
 
 
 def tokens_or_rows(algo: AlgorithmConfig) -> Callable[[Batch], float]:
-    """Size function matching the policy loss: response tokens for token_mean, rows otherwise (GSPO: rows)."""
-    if algo.loss_agg == "token_mean" and algo.name != "gspo":
+    """Size function matching the policy loss: response tokens for token_mean and token_sum, rows otherwise
+    (GSPO: rows)."""
+    if algo.loss_agg in ("token_mean", "token_sum") and algo.name != "gspo":
         return lambda micro: float(micro["response_mask"].sum())
     return lambda micro: float(micro["response_mask"].shape[0])
+
+
+def loss_is_sum(algo: AlgorithmConfig) -> bool:
+    """True when a micro-batch's loss is a plain token sum (token_sum): the update adds the micro-batch
+    losses up unscaled instead of weighting them by size."""
+    return algo.loss_agg == "token_sum" and algo.name != "gspo"
+
+
+def per_token(value: torch.Tensor, mask: torch.Tensor, agg: str) -> float:
+    """A loss term as a stat: token_sum terms divided by the micro-batch's response tokens (a per-token
+    mean, as the stats of token_mean are); other modes unchanged."""
+    value = float(value.detach())
+    return value / max(float(mask.sum()), 1.0) if agg == "token_sum" else value
 
 
 def ppo_objective(model: torch.nn.Module, micro: Batch, algo: AlgorithmConfig, temperature: float) -> Result:
@@ -89,28 +105,29 @@ def ppo_objective(model: torch.nn.Module, micro: Batch, algo: AlgorithmConfig, t
     if kl_coef:  # 0 * an overflowing estimate would still be NaN
         loss = loss + kl_coef * kl
     stats = {
-        "policy_loss": float(pg.detach()),
-        "entropy": float(entropy.detach()),
-        "kl_loss": float(kl.detach()),
+        "policy_loss": per_token(pg, mask, agg),
+        "entropy": per_token(entropy, mask, agg),
+        "kl_loss": per_token(kl, mask, agg),
         "clipfrac": pg_stats["clipfrac"],
     }
     if "approx_kl" in pg_stats:  # token-level ratios (not GSPO): KL(old || new) as k3 and as k1
         stats |= {"approx_kl": pg_stats["approx_kl"], "ppo_kl": pg_stats["ppo_kl"]}
     if own_old:
         gap = (old_logp - micro["rollout_logprobs"]).abs() * mask
-        per_token = "token_mean" if agg == "token_mean" else "seq_mean_token_mean"
-        stats["logprob_diff_mean"] = float(aggregate(gap, mask, per_token))
+        gap_agg = "token_mean" if agg in ("token_mean", "token_sum") else "seq_mean_token_mean"
+        stats["logprob_diff_mean"] = float(aggregate(gap, mask, gap_agg))
         stats["logprob_diff_max"] = float(gap.max()) if gap.numel() else 0.0
     return loss, stats
 
 
 def value_objective(model: torch.nn.Module, micro: Batch, algo: AlgorithmConfig) -> Result:
-    """vf_coef * clipped value loss. micro: response_mask, returns, old_values [n, R]."""
+    """vf_coef * clipped value loss, aggregated as the policy loss is (algo.loss_agg).
+    micro: response_mask, returns, old_values [n, R]."""
     mask = micro["response_mask"]
     values = token_values(model, micro)
     loss, stats = value_loss(values, micro["old_values"], micro["returns"], mask, algo.value_clip, algo.loss_agg)
     return algo.vf_coef * loss, {
-        "value_loss": float(loss.detach()),
+        "value_loss": per_token(loss, mask, algo.loss_agg),
         "value_clipfrac": stats["clipfrac"],
         "values_mean": float(masked_mean(values.detach(), mask)),
     }

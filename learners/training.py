@@ -8,7 +8,10 @@ batches of the minibatch on all ranks (one all-reduce before the first forward).
 over micro-batches and ranks is exactly the minibatch aggregate. DeepSpeed averages gradients over
 ranks, so the backward loss is also multiplied by the world size, and `scale_wrt_gas=False` stops
 it dividing by the accumulation steps. Per-micro-batch means, by contrast, would weight a token in
-a short micro-batch more than one in a long one, and change with the number of ranks.
+a short micro-batch more than one in a long one, and change with the number of ranks. A summed loss
+(`algorithm.loss_agg=token_sum`, `summed=True`) has no normaliser: L_i is micro-batch i's own token
+sum and is back-propagated as it is (times the world size), so the micro-batches and ranks add up
+to the minibatch's token sum; s_i / S then only weights the stats.
 
 The guard. Each minibatch is skipped on every rank, with the weights untouched, when (1) any
 rank's share of the experience holds NaN/inf (found before any forward), or (2) any rank saw a
@@ -79,12 +82,14 @@ class StepLoop:
         objective: Objective,
         size: SizeFn,
         guarded: tuple[str, ...] = (),
+        summed: bool = False,
     ) -> dict[str, float]:
         """One optimizer step per `rows_per_minibatch` rows of this rank's `batch`, in order.
 
         Every rank must call this with the same number of rows. objective(model, micro) gives a
         micro-batch's (loss, stats); size(micro) the tokens or rows its loss averages over.
-        `guarded` names the fields checked for NaN/inf before a minibatch is used.
+        `guarded` names the fields checked for NaN/inf before a minibatch is used. `summed`: the
+        objective's loss is a sum over its micro-batch, added up unscaled (size then weights only the stats).
         Returns the stats averaged (`is_max`: maximised) over applied steps, as `train/<name>`, plus train/grad_norm
         (before clipping), train/lr (of the last applied step) and train/skipped_steps (a count).
         """
@@ -94,7 +99,7 @@ class StepLoop:
         n = num_rows(batch)
         for start in range(0, n, rows_per_minibatch):
             minibatch = select_rows(batch, slice(start, start + rows_per_minibatch))
-            stats = self._minibatch(minibatch, objective, size, guarded)
+            stats = self._minibatch(minibatch, objective, size, guarded, summed)
             if stats is None:
                 skipped += 1
                 continue
@@ -110,7 +115,7 @@ class StepLoop:
         return metrics
 
     def _minibatch(
-        self, minibatch: dict[str, Any], objective: Objective, size: SizeFn, guarded: tuple[str, ...]
+        self, minibatch: dict[str, Any], objective: Objective, size: SizeFn, guarded: tuple[str, ...], summed: bool
     ) -> dict[str, float] | None:
         """Forward, backward and step on one minibatch; None when the step was skipped."""
         micros = micro_batches(minibatch, self.cfg.micro_batch_size)
@@ -133,7 +138,8 @@ class StepLoop:
             # otherwise overwrite rather than accumulate the gradients of earlier micro-batches.
             loss, stats = objective(self.engine, micro)
             bad_loss += float(not torch.isfinite(loss.detach()))
-            self.engine.backward(loss * (weight * self.world_size), scale_wrt_gas=False)
+            loss_scale = 1.0 if summed else weight
+            self.engine.backward(loss * (loss_scale * self.world_size), scale_wrt_gas=False)
             for k, v in stats.items():
                 weighted[k] = max(weighted.get(k, v), v) if is_max(k) else weighted.get(k, 0.0) + v * weight
         return self._step(bad_loss + float(self._grad_nonfinite), weighted)

@@ -35,6 +35,7 @@ from . import checkpoint
 from .batching import micro_batches
 from .models import Role, load_model, sequence_scores, token_values, unwrap
 from .objectives import (
+    loss_is_sum,
     next_token_logprobs,
     ppo_objective,
     rm_objective,
@@ -164,7 +165,10 @@ class LearnerWorker:
     def _update(self, batch: TensorBatch, objective: Objective) -> dict[str, float]:
         """Steps of `minibatch_size / world_size` rows each; the experience is checked for NaN/inf."""
         rows_per_step = self.cfg.minibatch_size // self.world_size
-        return self.loop.run(self._to_device(batch), rows_per_step, objective, tokens_or_rows(self.algo), PER_TOKEN_FIELDS)
+        algo = self.algo
+        return self.loop.run(
+            self._to_device(batch), rows_per_step, objective, tokens_or_rows(algo), PER_TOKEN_FIELDS, loss_is_sum(algo)
+        )
 
     def ppo_update(self, batch: Experience, temperature: float = 1.0) -> dict[str, float]:
         """Policy optimizer steps over this rank's rows, `minibatch_size / world_size` rows per step."""

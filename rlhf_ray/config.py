@@ -191,10 +191,15 @@ class AlgorithmConfig(Section):
     value_clip: float | None = Field(0.2, gt=0)
     vf_coef: float = Field(0.5, ge=0)
     entropy_coef: float = Field(0.0, ge=0)
-    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = Field(
+    loss_agg: Literal[
+        "token_mean", "token_sum", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"
+    ] = Field(
         "token_mean",
-        description="token_mean (DAPO token-level), seq_mean_token_mean, seq_mean_token_sum, seq_mean_token_sum_norm "
-        "(sum / (B * loss_norm_len), Dr. GRPO).",
+        description="token_mean (DAPO token-level), token_sum (the plain sum over the minibatch's response tokens, "
+        "no normaliser: the gradient, so the effective lr, grows with the tokens per minibatch; use it to match a "
+        "recipe that sums, with lr divided by about the tokens per minibatch), seq_mean_token_mean, "
+        "seq_mean_token_sum, seq_mean_token_sum_norm (sum / (B * loss_norm_len), Dr. GRPO). Policy, entropy, KL "
+        "and value terms all use it; gspo's loss is a sequence mean and refuses token_sum.",
     )
     loss_norm_len: int | None = Field(
         None, ge=1, description="The constant T of seq_mean_token_sum_norm, tokens; None: the batch's padded width."
@@ -239,6 +244,15 @@ class AlgorithmConfig(Section):
             else:
                 data.setdefault(key, value)
         return data
+
+    @model_validator(mode="after")
+    def _gspo_is_a_sequence_mean(self) -> "AlgorithmConfig":
+        if self.name == "gspo" and self.loss_agg == "token_sum":
+            raise ValueError(
+                "algorithm.loss_agg=token_sum with algorithm.name=gspo: GSPO's loss is a mean over sequences of "
+                "sequence-level ratios, it has no token sum; fix: leave algorithm.loss_agg unset for gspo"
+            )
+        return self
 
     @property
     def uses_critic(self) -> bool:

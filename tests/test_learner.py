@@ -62,8 +62,10 @@ def make_experience(batch: dict[str, torch.Tensor], old_logp: torch.Tensor) -> d
     )
 
 
-def start(tiny_model_dir: Path, role: str, ranks: int, stage: int, folder: str = "policy", **kw) -> LearnerGroup:
-    return LearnerGroup(role, str(tiny_model_dir / folder), learner_cfg(ranks, stage, **kw), ModelConfig(), ALGO)
+def start(
+    tiny_model_dir: Path, role: str, ranks: int, stage: int, folder: str = "policy", algo: AlgorithmConfig = ALGO, **kw
+) -> LearnerGroup:
+    return LearnerGroup(role, str(tiny_model_dir / folder), learner_cfg(ranks, stage, **kw), ModelConfig(), algo)
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +254,55 @@ def test_one_step_update_without_old_logprobs_equals_one_with_them(ray_cluster, 
     assert "train/logprob_diff_mean" not in m_given
     with pytest.raises(ValueError, match="exact only for one optimizer step.*= 4 steps"):
         single.ppo_update(without_old)  # 2 epochs x 2 minibatches
+
+
+TOKEN_SUM = AlgorithmConfig(name="grpo", loss_agg="token_sum", entropy_coef=0.01, tis_cap=None)
+
+
+def plain_loop_token_sum(tiny_model_dir: Path, exp: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """TOKEN_SUM's loss on `exp` as a loop over rows and response tokens (transformers, fp32):
+    sum of clipped surrogate - 0.01 * entropy + kl_coef * k3. Returns (gradient norm, policy-loss sum)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir / "policy", dtype=torch.float32)
+    P, R = int(exp["prompt_len"]), exp["response_mask"].shape[1]
+    logits = model(input_ids=exp["input_ids"], attention_mask=exp["attention_mask"],
+                   position_ids=exp["position_ids"]).logits
+    total, pg_sum = torch.zeros(()), 0.0
+    for b in range(exp["input_ids"].shape[0]):
+        for t in range(R):
+            if not exp["response_mask"][b, t]:
+                continue
+            logp_all = torch.log_softmax(logits[b, P - 1 + t], -1)
+            logp = logp_all[exp["input_ids"][b, P + t]]
+            ratio = torch.exp(logp - exp["old_logprobs"][b, t])
+            a = float(exp["advantages"][b, t])
+            pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - 0.2, 1 + 0.2))
+            entropy = -(logp_all.exp() * logp_all).sum()
+            x = logp - exp["ref_logprobs"][b, t]
+            k3 = torch.exp(-x) - 1 + x
+            total = total + pg - 0.01 * entropy + float(exp["kl_coef"]) * k3
+            pg_sum += float(pg.detach())
+    total.backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    return float(norm), pg_sum
+
+
+def test_token_sum_gradient_is_the_plain_sum_on_1_and_2_ranks_and_any_micro_batches(ray_cluster, tiny_model_dir, batch):
+    """loss_agg=token_sum: one minibatch as 1 micro-batch on 1 rank, and as 2 micro-batches on each of 2 ranks,
+    gives the gradient of the plain sum over its tokens (no normaliser: a token mean's would be `tokens` times
+    smaller) and the same weights; the stats stay per-token means."""
+    rows = {k: v[:4] if v.dim() else v for k, v in batch.items()}
+    one_step = dict(ppo_epochs=1, minibatch_size=4)
+    with start(tiny_model_dir, "policy", 1, 2, algo=TOKEN_SUM, micro_batch_size=4, **one_step) as whole, \
+            start(tiny_model_dir, "policy", 2, 2, algo=TOKEN_SUM, micro_batch_size=1, **one_step) as split:
+        exp = make_experience(rows, whole.compute_logprobs(rows))
+        m_whole, m_split = whole.ppo_update(exp), split.ppo_update(exp)
+        assert max_diff(weights(split), weights(whole)) < 1e-5
+    want_norm, pg_sum = plain_loop_token_sum(tiny_model_dir, exp)
+    tokens = float(rows["response_mask"].sum())
+    for m in (m_whole, m_split):
+        assert m["train/skipped_steps"] == 0
+        assert m["train/grad_norm"] == pytest.approx(want_norm, rel=1e-4)
+        assert m["train/policy_loss"] == pytest.approx(pg_sum / tokens, rel=1e-4, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------- SFT, reward model, critic

@@ -19,8 +19,9 @@ from rlhf_ray.algorithms import (
     overlong_penalty,
     policy_loss,
     reinforce_pp_advantages,
+    value_loss,
 )
-from rlhf_ray.config import AlgorithmConfig, load_config
+from rlhf_ray.config import AlgorithmConfig, ConfigError, load_config
 from rlhf_ray.experience import make_experience
 
 F64 = torch.float64
@@ -43,6 +44,31 @@ def test_seq_mean_token_sum_norm_is_sum_over_batch_times_constant_length():
     assert float(aggregate(loss, MASK, "seq_mean_token_sum_norm", norm_len=10)) == pytest.approx(total / 30)
     with pytest.raises(ValueError, match="norm_len"):
         aggregate(loss, MASK, "seq_mean_token_sum_norm", norm_len=0)
+
+
+def test_token_sum_is_the_plain_sum_of_per_token_losses():
+    loss, values, old_values, returns = _rand(3, 4, seed=20), _rand(3, 4, seed=21), _rand(3, 4, seed=22), _rand(3, 4, seed=23)
+    cells = [(b, t) for b in range(3) for t in range(4) if MASK[b, t]]
+    assert float(aggregate(loss, MASK, "token_sum")) == pytest.approx(sum(float(loss[b, t]) for b, t in cells))
+    logp, old, adv = _rand(3, 4, seed=24), _rand(3, 4, seed=25), _rand(3, 4, seed=26)
+    got, _ = policy_loss(logp, old, adv, MASK, 0.2, 0.28, 3.0, agg="token_sum")
+    tokens = float(MASK.sum())  # _loop_ppo is a token mean
+    want = _loop_ppo(logp.tolist(), old.tolist(), adv.tolist(), MASK.tolist(), 0.2, 0.28, 3.0, 20.0) * tokens
+    assert float(got) == pytest.approx(want, rel=1e-9)
+    got_v, _ = value_loss(values, old_values, returns, MASK, clip=0.2, agg="token_sum")
+    want_v = 0.0
+    for b, t in cells:
+        v, o, r = float(values[b, t]), float(old_values[b, t]), float(returns[b, t])
+        want_v += 0.5 * max((v - r) ** 2, (o + min(max(v - o, -0.2), 0.2) - r) ** 2)
+    assert float(got_v) == pytest.approx(want_v, rel=1e-9)
+
+
+def test_token_sum_is_refused_for_gspo_and_accepted_elsewhere():
+    assert AlgorithmConfig(name="dr_grpo", loss_agg="token_sum").loss_agg == "token_sum"
+    with pytest.raises(ValueError, match=r"algorithm.loss_agg=token_sum with algorithm.name=gspo.*fix"):
+        AlgorithmConfig(name="gspo", loss_agg="token_sum")
+    with pytest.raises(ConfigError, match=r"algorithm.loss_agg=token_sum with algorithm.name=gspo"):
+        load_config(None, ["rollout.sampling.n=2", "algorithm.name=gspo", "algorithm.loss_agg=token_sum"])
 
 
 # ----------------------------------------------------------------------------- bounded losses

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ._checks import _check_same_shape
 from .masked import masked_mean, masked_sum
 
-Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
+Aggregation = Literal["token_mean", "token_sum", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
 
 # Peers' bounds (OpenRLHF, veRL): exp(20) ~ 5e8 keeps a ratio finite in fp32 and its loss bounded;
 # a k3 value above 10 nats/token is a policy far off the reference, and its gradient 1 - exp(-x) explodes.
@@ -21,6 +21,7 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: Aggregation, norm_le
 
     loss: [B, T] per-token loss. mask: [B, T] 1 for response tokens.
     mode: "token_mean" = sum over all response tokens / their count (DAPO's token-level loss);
+        "token_sum" = sum over all response tokens, no normaliser (grows with the token count);
         "seq_mean_token_mean" = mean over rows of each row's token mean (GRPO's original);
         "seq_mean_token_sum" = mean over rows of each row's token sum;
         "seq_mean_token_sum_norm" = sum over all response tokens / (B * norm_len), a constant
@@ -30,6 +31,8 @@ def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: Aggregation, norm_le
     _check_same_shape(loss=loss, mask=mask)
     if mode == "token_mean":
         return masked_mean(loss, mask)
+    if mode == "token_sum":
+        return masked_sum(loss, mask)
     if mode == "seq_mean_token_mean":
         return masked_mean(loss, mask, dim=-1).mean()
     if mode == "seq_mean_token_sum":
