@@ -10,6 +10,7 @@ receives only its own section, never the whole config.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rlhf_ray.redaction import REDACTED, environment_secrets, is_secret_name, redact  # noqa: F401 (re-exported)
 from rlhf_ray.safe_yaml import YamlError, load_yaml_text, read_yaml_file, shorten
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -695,7 +698,36 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
         source = str(p)
-    return validate_config(apply_overrides(data, list(overrides or [])), source)
+    data = apply_overrides(data, list(overrides or []))
+    cfg = validate_config(data, source)
+    for note in preset_conflicts(data.get("algorithm")):
+        log.warning("%s (%s)", note, source)
+    return cfg
+
+
+def preset_conflicts(algorithm: Any) -> list[str]:
+    """The settings of the chosen algorithm's preset (ALGORITHM_PRESETS) that the config sets otherwise.
+
+    The config's own value wins, as documented; this names each such case, because switching
+    `algorithm.name` on a config written for another algorithm silently keeps that algorithm's loss.
+    """
+    if not isinstance(algorithm, dict):
+        return []
+    name = algorithm.get("name", "ppo")
+    notes = []
+    for key, implied in ALGORITHM_PRESETS.get(name, {}).items():
+        given = algorithm.get(key)
+        pairs = (
+            [(f"kl.{k}", v, given.get(k)) for k, v in implied.items()] if key == "kl" and isinstance(given, dict)
+            else [(key, implied, given)] if key != "kl" else []
+        )
+        for field, value, set_to in pairs:
+            if set_to is not None and set_to != value:
+                notes.append(
+                    f"algorithm.name={name} implies algorithm.{field}={value}, but the config sets {str(set_to)[:80]}, "
+                    f"which is used; fix: drop algorithm.{field} from the config to get {name}'s setting"
+                )
+    return notes
 
 
 def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> None:

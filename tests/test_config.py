@@ -103,3 +103,17 @@ def test_secrets_are_redacted(tmp_path, monkeypatch):
     text = (tmp_path / "config.yaml").read_text()
     assert "planted-secret-value-42" not in text
     assert yaml.safe_load(text)["rollout"]["num_actors"] == 1
+
+
+def test_a_config_setting_that_overrides_the_algorithms_preset_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    """configs/grpo-arithmetic.yaml sets GRPO's loss and KL coefficient; switched to DAPO by an override, those
+    values still win (documented), and load_config says which preset settings they replace."""
+    from rlhf_ray.config import load_config, preset_conflicts
+
+    with caplog.at_level("WARNING", logger="rlhf_ray.config"):
+        cfg = load_config("configs/grpo-arithmetic.yaml", ["algorithm.name=dapo"])
+    assert cfg.algorithm.loss_agg == "seq_mean_token_mean" and cfg.algorithm.kl.coef == 0.01
+    assert "algorithm.name=dapo implies algorithm.loss_agg=token_mean, but the config sets seq_mean_token_mean" in caplog.text
+    assert "algorithm.name=dapo implies algorithm.kl.coef=0.0, but the config sets 0.01" in caplog.text
+    assert preset_conflicts({"name": "grpo", "kl": {"estimator": "k3"}}) == []
+    assert preset_conflicts({"name": "ppo"}) == []
