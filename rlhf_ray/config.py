@@ -123,12 +123,22 @@ class LearnerConfig(Section):
     def zero_stage_used(self, bf16: bool) -> int:
         """The ZeRO stage the engines run with: `zero_stage`, or for auto 0 on one fp32 rank and 2 otherwise.
 
-        bf16 keeps ZeRO-2 on one rank: DeepSpeed's stage-0 bf16 optimizer does not expose its moments
-        per parameter, which the learner checkpoints (learners/checkpoint.py) are made of.
+        bf16 keeps ZeRO-2 on one rank: stage 0 in bf16 (DeepSpeed's FP16_UnfusedOptimizer, which the learner
+        checkpoints handle, learners/checkpoint.py) has not been timed against it yet.
         """
         if self.zero_stage != "auto":
             return int(self.zero_stage)
         return 0 if self.num_ranks == 1 and not bf16 else 2
+
+
+class ReferenceConfig(Section):
+    placement: Literal["actor", "learner"] = Field(
+        "actor",
+        description="Where the frozen reference policy (the KL anchor) runs. actor: a ReferenceActor of its own, with "
+        "its own CPUs/GPU, sent each batch. learner: the policy learner ranks hold it beside the policy and each "
+        "computes the reference log-probs of its own rows (no extra process or device; each rank holds the "
+        "reference weights too, sharded like the policy under ZeRO-3).",
+    )
 
 
 class KLConfig(Section):
@@ -405,6 +415,7 @@ class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -133,7 +133,7 @@ def colocated_bundle(cfg: RunConfig) -> dict[str, float]:
 
 def resource_requests(cfg: RunConfig) -> list[ResourceRequest]:
     """One request per actor of the run: rollout actors, policy (and PPO critic) learner ranks, the reward and
-    the reference actor; names as the run gives them."""
+    the reference actor (none with reference.placement=learner); names as the run gives them."""
     ro, le, rw = cfg.rollout, cfg.learner, cfg.reward
     rollout, learner = rollout_actor_request(ro), learner_rank_request(le)
     reqs = [ResourceRequest(f"rollout-{i}", "rollout", dict(rollout)) for i in range(ro.num_actors)]
@@ -146,6 +146,7 @@ def resource_requests(cfg: RunConfig) -> list[ResourceRequest]:
         reward_custom = {k: v * share for k, v in le.resources.items()}
     reqs.append(ResourceRequest("reward", "reward", _request(rw.num_cpus, rw.num_gpus, reward_custom)))
 
-    reference = dict(learner) if le.num_gpus_per_rank > 0 else {"CPU": REFERENCE_CPUS_ON_CPU}
-    reqs.append(ResourceRequest("reference", "reference", reference))
+    if cfg.reference.placement == "actor":  # else the policy learner ranks hold it: nothing of its own
+        reference = dict(learner) if le.num_gpus_per_rank > 0 else {"CPU": REFERENCE_CPUS_ON_CPU}
+        reqs.append(ResourceRequest("reference", "reference", reference))
     return reqs

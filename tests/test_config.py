@@ -37,6 +37,7 @@ def test_overrides_apply_with_yaml_types():
         ("rollout.sampling.temprature=1", "did you mean 'rollout.sampling.temperature'?"),
         ("train.prompts_per_step=-4", "train.prompts_per_step: Input should be greater than or equal to 1 (got -4)"),
         ("learner.zero_stage=4", "learner.zero_stage: Input should be 'auto', 0, 1, 2 or 3 (got 4)"),
+        ("reference.placement=gpu", "reference.placement: Input should be 'actor' or 'learner' (got 'gpu')"),
         ("rollout.num_actors=two", "rollout.num_actors: Input should be a valid integer"),
         ("algorithm.name=dpo", "algorithm.name: Input should be 'ppo', 'grpo', 'dr_grpo', 'dapo', 'gspo', 'rloo'"),
     ],
