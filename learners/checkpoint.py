@@ -71,9 +71,10 @@ def _optimizer_tensors(
         master = masters.get(id(p))
         for key in MOMENTS:
             full = safe_get_full_optimizer_state(p, key)
-            # Without ZeRO DeepSpeed steps our AdamW on the parameters directly (fp32) or on their masters (bf16).
-            own = adam.state[p if master is None else master]
-            yield f"{key}/{name}", (own[key] if full is None else full).reshape(full_shape(p))
+            if full is None:  # without ZeRO our AdamW steps the parameters (fp32) or their masters (bf16) directly
+                # (adam.state is a defaultdict: only look up tensors it holds, or it grows empty entries)
+                full = adam.state[p if master is None else master][key]
+            yield f"{key}/{name}", full.reshape(full_shape(p))
         if bf16:
             yield f"master/{name}", (safe_get_full_fp32_param(p) if master is None else master).reshape(full_shape(p))
 
