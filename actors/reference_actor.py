@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from rlhf_ray.config import ModelConfig
-from rlhf_ray.modeling import response_logprobs
+from rlhf_ray.modeling import load_frozen_policy, response_logprobs
 
 
 class ReferenceActor:
@@ -19,12 +18,7 @@ class ReferenceActor:
     def __init__(self, model_path: str, model_cfg: ModelConfig, micro_batch_size: int = 16, num_threads: int = 1):
         torch.set_num_threads(num_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path,
-            dtype=getattr(torch, model_cfg.dtype),
-            trust_remote_code=model_cfg.trust_remote_code,
-            use_safetensors=True,
-        ).to(self.device).eval()
+        self.model = load_frozen_policy(model_path, model_cfg).to(self.device)
         self.micro_batch_size = micro_batch_size
 
     @torch.no_grad()

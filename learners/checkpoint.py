@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import deepspeed
 import numpy as np
 import torch
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
@@ -48,15 +49,34 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "chat_template*")
 
 
-def _optimizer_tensors(model: torch.nn.Module, adam: VetoableAdamW, bf16: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def _unfused_masters(engine: Any) -> dict[int, torch.Tensor]:
+    """id(bf16 parameter) -> its fp32 master, for bf16 without ZeRO; {} otherwise.
+
+    There DeepSpeed wraps the optimizer in FP16_UnfusedOptimizer (bf16 gradients accumulate in bf16,
+    so it is not its BF16_Optimizer): one separate fp32 copy per parameter in `fp32_groups`, which
+    the inner AdamW steps. The moments are keyed by those copies, and no `_hp_mapping` links them
+    to the parameters, so DeepSpeed's `safe_get_full_*` helpers return None for them.
+    """
+    opt = engine.optimizer
+    if not isinstance(opt, FP16_UnfusedOptimizer):
+        return {}
+    return {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)}
+
+
+def _optimizer_tensors(
+    model: torch.nn.Module, adam: VetoableAdamW, bf16: bool, masters: dict[int, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full fp32 tensor) of every optimizer state; collective (DeepSpeed all-reduces fragments)."""
     for name, p in model.named_parameters():
+        master = masters.get(id(p))
         for key in MOMENTS:
             full = safe_get_full_optimizer_state(p, key)
-            # Without ZeRO and in fp32 DeepSpeed steps our AdamW on the parameters directly.
-            yield f"{key}/{name}", (adam.state[p][key] if full is None else full).reshape(full_shape(p))
+            if full is None:  # without ZeRO our AdamW steps the parameters (fp32) or their masters (bf16) directly
+                # (adam.state is a defaultdict: only look up tensors it holds, or it grows empty entries)
+                full = adam.state[p if master is None else master][key]
+            yield f"{key}/{name}", full.reshape(full_shape(p))
         if bf16:
-            yield f"master/{name}", safe_get_full_fp32_param(p).reshape(full_shape(p))
+            yield f"master/{name}", (safe_get_full_fp32_param(p) if master is None else master).reshape(full_shape(p))
 
 
 def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, write: bool) -> dict[str, str]:
@@ -102,7 +122,8 @@ def save(
 
     # Every rank takes part in the gathers below; rank 0 keeps and writes what they return.
     weights = {name: t.cpu().clone() for bucket in iter_weight_buckets(model, SHARD_BYTES, rank) for name, t in bucket}
-    weight_map = _write_shards(_optimizer_tensors(model, adam, bf16), state_dir, write=rank == 0)
+    tensors = _optimizer_tensors(model, adam, bf16, _unfused_masters(engine))
+    weight_map = _write_shards(tensors, state_dir, write=rank == 0)
     _save_rng(state_dir, rank)
     if rank != 0:
         return
@@ -194,17 +215,23 @@ def load(path: str, engine: Any, adam: VetoableAdamW, loop: StepLoop, rank: int,
         raise ValueError(f"checkpoint at {path} was saved with bf16={state['bf16']}, this learner runs bf16={bf16}")
     weights = _TensorDir.hf_weights(root)
     optim = _TensorDir(state_dir, json.loads((state_dir / "optimizer.json").read_text())["weight_map"])
-    device = engine.device
+    device, masters = engine.device, _unfused_masters(engine)
     with torch.no_grad():
         for name, p in model.named_parameters():
             value = weights.get(name).to(device)
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 p.data.copy_(value.reshape(p.shape))
             master = optim.get(f"master/{name}") if bf16 else value
-            safe_set_full_fp32_param(p, master.float().to(device))
+            unfused = masters.get(id(p))
+            if unfused is None:
+                safe_set_full_fp32_param(p, master.float().to(device))
+            else:
+                unfused.copy_(master.reshape(unfused.shape))
             for key in MOMENTS:
                 moment = optim.get(f"{key}/{name}").to(device)
-                if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+                if unfused is not None:
+                    adam.state[unfused][key].copy_(moment.reshape(unfused.shape))
+                elif hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
                     safe_set_full_optimizer_state(p, moment, key)
                 else:
                     adam.state[p][key].copy_(moment)

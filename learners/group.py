@@ -12,7 +12,7 @@ at once and gathers the answers with a timeout that names the rank that failed o
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import torch
@@ -45,6 +45,8 @@ class LearnerGroup:
     model_path: HF folder to start from (a critic may start from a causal-LM folder: new head).
     total_steps: optimizer steps over which the lr decays (cosine, after warm-up); None keeps
     the peak lr after warm-up.
+    hold_reference: a policy group whose ranks also hold the frozen initial policy and compute the
+    reference log-probs (`start_ref_logprobs`), in place of a ReferenceActor (reference.placement=learner).
     """
 
     def __init__(
@@ -56,9 +58,12 @@ class LearnerGroup:
         algo_cfg: AlgorithmConfig | None = None,
         total_steps: int | None = None,
         placement: PlacementGroup | None = None,
+        hold_reference: bool = False,
     ):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if hold_reference and role != "policy":
+            raise ValueError(f"only a policy learner group can hold the reference, not a {role} group")
         if model_cfg.dtype == "float16":
             raise ValueError("learners train in float32 or bfloat16 (fp16 would need loss scaling); "
                              "set model.dtype=bfloat16 instead of float16")
@@ -83,7 +88,7 @@ class LearnerGroup:
         self.node_ips: dict[str, str] = {}  # each rank's node address, known once setup has answered
         self.workers = [
             actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i)).remote(
-                LearnerSpec(i, n, role, model_path, learner_cfg, model_cfg, self.algo, total_steps)
+                LearnerSpec(i, n, role, model_path, learner_cfg, model_cfg, self.algo, total_steps, hold_reference)
             )
             for i in range(n)
         ]
@@ -108,20 +113,28 @@ class LearnerGroup:
         for them would only turn a clear error into a timeout. When a rank has died the error is a
         `LearnerRankError` naming it (the run can resume from its last checkpoint).
         """
+        return self._start(method, args, what)()
+
+    def _start(self, method: str, args: list[tuple], what: str | None = None) -> Callable[[], list[Any]]:
+        """`_each`, submitted now; the returned function waits for the answers (same timeout and errors)."""
         what = f"{self.role} learner {what or method}"
         refs = [getattr(w, method).remote(*a) for w, a in zip(self.workers, args)]
-        try:
-            return self._gather(refs, what)
-        except Exception as err:
-            dead = self.dead_ranks()
-            if not dead:
-                raise
-            nodes = {name: self.node_ips[name] for name in dead if name in self.node_ips}
-            lost = "; ".join(f"{name} was on node {nodes.get(name, '(unknown)')}" for name in dead)
-            if isinstance(err, ActorCallError) and all(f"{name} died" in str(err) for name in dead):
-                raise LearnerRankError(f"{err}; {lost}", dead, dead, nodes) from err
-            message = f"{what} failed: {', '.join(dead)} died; then: {err}; {lost}"
-            raise LearnerRankError(message, dead, dead, nodes) from err
+
+        def wait() -> list[Any]:
+            try:
+                return self._gather(refs, what)
+            except Exception as err:
+                dead = self.dead_ranks()
+                if not dead:
+                    raise
+                nodes = {name: self.node_ips[name] for name in dead if name in self.node_ips}
+                lost = "; ".join(f"{name} was on node {nodes.get(name, '(unknown)')}" for name in dead)
+                if isinstance(err, ActorCallError) and all(f"{name} died" in str(err) for name in dead):
+                    raise LearnerRankError(f"{err}; {lost}", dead, dead, nodes) from err
+                message = f"{what} failed: {', '.join(dead)} died; then: {err}; {lost}"
+                raise LearnerRankError(message, dead, dead, nodes) from err
+
+        return wait
 
     def _gather(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
         results: dict[int, Any] = {}
@@ -160,9 +173,12 @@ class LearnerGroup:
 
     def _forward(self, method: str, batch: Batch, *args: Any) -> torch.Tensor:
         """Rows padded to a multiple of the ranks, sharded, run, concatenated and unpadded."""
+        return self._start_forward(method, batch, *args)()
+
+    def _start_forward(self, method: str, batch: Batch, *args: Any) -> Callable[[], torch.Tensor]:
         padded, n = pad_rows(batch, self.num_ranks)
-        outs = self._each(method, [(shard, *args) for shard in split_rows(padded, self.num_ranks)])
-        return torch.cat(outs)[:n]
+        wait = self._start(method, [(shard, *args) for shard in split_rows(padded, self.num_ranks)])
+        return lambda: torch.cat(wait())[:n]
 
     def _train(self, method: str, batch: Batch, *args: Any) -> dict[str, float]:
         """Each rank's rows of every shuffled minibatch of every epoch, then one call per rank."""
@@ -189,6 +205,14 @@ class LearnerGroup:
         self._require("policy", "compute_logprobs")
         check_batch(batch, LAYOUT_FIELDS)
         return self._forward("forward_logprobs", batch, temperature)
+
+    def start_ref_logprobs(self, batch: Batch, temperature: float = 1.0) -> Callable[[], torch.Tensor]:
+        """The reference's log softmax(logits / temperature) of the sampled response tokens, computed by the
+        ranks that hold it (`hold_reference`): submitted now, the returned function waits for the answer,
+        [N, R] fp32 nats, 0 on padding."""
+        self._require("policy", "start_ref_logprobs")
+        check_batch(batch, LAYOUT_FIELDS)
+        return self._start_forward("forward_ref_logprobs", batch, temperature)
 
     def compute_values(self, batch: Batch) -> torch.Tensor:
         """Critic value of the state before each response token: [N, R] fp32, 0 on padding."""

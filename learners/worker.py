@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from rlhf_ray.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from rlhf_ray.cuda_ipc import SharedBucket, gpu_uuid
-from rlhf_ray.modeling import response_logprobs
+from rlhf_ray.modeling import load_frozen_policy, response_logprobs
 from rlhf_ray.protocol import PER_TOKEN_FIELDS, Experience, TensorBatch
 from rlhf_ray.net import bind_listener, interface_of, listen_address, route_source_address
 from rlhf_ray.ray_utils import local_gpu_index
@@ -63,6 +63,7 @@ class LearnerSpec:
     model: ModelConfig
     algorithm: AlgorithmConfig
     total_steps: int | None  # optimizer steps the lr decays over (cosine after warm-up); None keeps the peak lr
+    hold_reference: bool = False  # policy only: also hold the frozen initial policy (reference.placement=learner)
 
 
 class LearnerWorker:
@@ -71,7 +72,8 @@ class LearnerWorker:
     def __init__(self, spec: LearnerSpec):
         self.rank, self.world_size, self.role = spec.rank, spec.world_size, spec.role
         self.model_path, self.cfg, self.model_cfg, self.algo = spec.model_path, spec.learner, spec.model, spec.algorithm
-        self.total_steps = spec.total_steps
+        self.total_steps, self.hold_reference = spec.total_steps, spec.hold_reference
+        self.reference: torch.nn.Module | None = None
         self.on_gpu = torch.cuda.is_available() and spec.learner.num_gpus_per_rank > 0
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
@@ -118,14 +120,34 @@ class LearnerWorker:
         model = load_model(self.role, self.model_path, self.model_cfg, self.cfg.gradient_checkpointing)
         lr = self.cfg.critic_lr if self.role == "critic" else self.cfg.lr
         adam = build_optimizer(model, self.cfg, lr)
-        ds_cfg = deepspeed_config(self.cfg, self.world_size, bf16=self.model_cfg.dtype == "bfloat16")
+        bf16 = self.model_cfg.dtype == "bfloat16"
+        ds_cfg = deepspeed_config(self.cfg, self.world_size, bf16)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=adam, config=ds_cfg, dist_init_required=False)
+        if self.hold_reference:
+            self.reference = self._load_reference(bf16)
         self.adam = adam
         adam.init_state()
         self.loop = StepLoop(self.engine, adam, self.cfg, lr, self.total_steps)
         self.loop.prime(self._dummy_output)
         params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         return {"params": params, "device": str(self.engine.device)}
+
+    def _load_reference(self, bf16: bool) -> torch.nn.Module:
+        """The frozen initial policy in the policy's dtype, eval mode, no gradients.
+
+        Under ZeRO-3 it is sharded across the ranks like the policy (a DeepSpeed engine without an
+        optimizer, as DeepSpeed-Chat and OpenRLHF hold their reference), so each rank keeps 1/N of it;
+        otherwise every rank holds it whole.
+        """
+        if self.role != "policy":
+            raise ValueError(f"only the policy learner can hold the reference, this learner is a {self.role}")
+        model = load_frozen_policy(self.model_path, self.model_cfg)
+        if self.cfg.zero_stage_used(bf16) == 3:
+            ds_cfg = deepspeed_config(self.cfg, self.world_size, bf16)
+            engine, *_ = deepspeed.initialize(model=model, config=ds_cfg, dist_init_required=False)
+            engine.eval()  # DeepSpeed's eval() returns None
+            return engine
+        return model.to(self.engine.device)
 
     def _dummy_output(self) -> torch.Tensor:
         ids = torch.ones(1, 2, dtype=torch.long, device=self.engine.device)
@@ -137,9 +159,14 @@ class LearnerWorker:
         return {k: v.to(self.engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     @torch.no_grad()
-    def _forward(self, batch: TensorBatch, fn: Callable[[torch.nn.Module, TensorBatch], torch.Tensor]) -> torch.Tensor:
-        self.engine.eval()
-        outs = [fn(self.engine, m) for m in micro_batches(self._to_device(batch), self.cfg.micro_batch_size)]
+    def _forward(
+        self, batch: TensorBatch, fn: Callable[[torch.nn.Module, TensorBatch], torch.Tensor],
+        model: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        """`fn(model, micro-batch)` over micro-batches of this rank's rows; `model` defaults to the engine."""
+        model = self.engine if model is None else model
+        model.eval()
+        outs = [fn(model, m) for m in micro_batches(self._to_device(batch), self.cfg.micro_batch_size)]
         return torch.cat(outs).float().cpu()
 
     # ------------------------------------------------------------------ forward-only
@@ -147,6 +174,13 @@ class LearnerWorker:
     def forward_logprobs(self, batch: TensorBatch, temperature: float = 1.0) -> torch.Tensor:
         """log softmax(logits / temperature) at the response tokens: [n, R] fp32 nats, 0 on padding."""
         return self._forward(batch, lambda model, m: response_logprobs(model, m, temperature))
+
+    def forward_ref_logprobs(self, batch: TensorBatch, temperature: float = 1.0) -> torch.Tensor:
+        """The reference's log softmax(logits / temperature) at the response tokens: [n, R] fp32 nats, 0 on padding."""
+        if self.reference is None:
+            raise RuntimeError(f"{self.role} learner rank {self.rank} holds no reference; start the group with "
+                               "hold_reference=True (reference.placement=learner)")
+        return self._forward(batch, lambda model, m: response_logprobs(model, m, temperature), self.reference)
 
     def forward_target_logprobs(self, batch: TensorBatch) -> torch.Tensor:
         """log-probs of the tokens marked by loss_mask (input_ids, attention_mask, loss_mask [n, L]): [n, L-1] fp32 nats."""

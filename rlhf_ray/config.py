@@ -126,8 +126,8 @@ class LearnerConfig(Section):
     def zero_stage_used(self, bf16: bool) -> int:
         """The ZeRO stage the engines run with: `zero_stage`, or for auto 0 on one fp32 rank and 2 otherwise.
 
-        bf16 keeps ZeRO-2 on one rank: DeepSpeed's stage-0 bf16 optimizer does not expose its moments
-        per parameter, which the learner checkpoints (learners/checkpoint.py) are made of.
+        bf16 keeps ZeRO-2 on one rank: stage 0 in bf16 (DeepSpeed's FP16_UnfusedOptimizer, which the learner
+        checkpoints handle, learners/checkpoint.py) has not been timed against it yet.
         """
         if self.zero_stage != "auto":
             return int(self.zero_stage)
@@ -135,6 +135,13 @@ class LearnerConfig(Section):
 
 
 class ReferenceConfig(Section):
+    placement: Literal["actor", "learner"] = Field(
+        "actor",
+        description="Where the frozen reference policy (the KL anchor) runs. actor: a ReferenceActor of its own, with "
+        "its own CPUs/GPU, sent each batch. learner: the policy learner ranks hold it beside the policy and each "
+        "computes the reference log-probs of its own rows (no extra process or device; each rank holds the "
+        "reference weights too, sharded like the policy under ZeRO-3).",
+    )
     colocate: bool = Field(
         False, description="GPU learners only: place the reference in policy learner rank 0's placement-group bundle, "
         "sharing its GPU (num_gpus of it) instead of taking a learner-sized slot of its own.",
@@ -144,6 +151,15 @@ class ReferenceConfig(Section):
         "learner.num_gpus_per_rank plus everything else in that bundle must stay at most 1.",
     )
     num_cpus: float = Field(2.0, gt=0, description="With colocate: CPUs the reference adds to rank 0's bundle.")
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> "ReferenceConfig":
+        if self.placement == "learner" and self.colocate:
+            raise ValueError(
+                "reference.placement=learner with reference.colocate=true: a reference the learner ranks hold has "
+                "no actor to colocate; fix: set one of them (placement=learner needs no GPU share of its own)"
+            )
+        return self
 
 
 class KLConfig(Section):

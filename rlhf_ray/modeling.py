@@ -5,6 +5,23 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.algorithms import logprobs_from_logits
+from rlhf_ray.config import ModelConfig
+
+
+def load_frozen_policy(path: str, model_cfg: ModelConfig) -> torch.nn.Module:
+    """The causal LM in `path` in `model_cfg.dtype`, eval mode, no gradients: the reference, wherever it runs.
+
+    Loaded by transformers in the target dtype, which keeps fp32 buffers (rotary `inv_freq`) in fp32, as
+    DeepSpeed's bf16 cast of the learner does; casting the whole module would round them and move the
+    log-probs by ~2e-3 nats in bf16.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, model_cfg.dtype), trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=True,
+    )
+    return model.eval().requires_grad_(False)
 
 
 def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

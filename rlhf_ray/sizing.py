@@ -195,7 +195,7 @@ def shares_policy_placement(cfg: RunConfig) -> bool:
 
 def resource_requests(cfg: RunConfig) -> list[ResourceRequest]:
     """One request per actor of the run: rollout actors, policy (and PPO critic) learner ranks, the reward and
-    the reference actor; names as the run gives them."""
+    the reference actor (none with reference.placement=learner); names as the run gives them."""
     ro, le = cfg.rollout, cfg.learner
     rollout, learner = rollout_actor_request(ro), learner_rank_request(le)
     reqs = [ResourceRequest(f"rollout-{i}", "rollout", dict(rollout), i if ro.colocate else None)
@@ -205,9 +205,10 @@ def resource_requests(cfg: RunConfig) -> list[ResourceRequest]:
 
     shared = shared_bundle_index(cfg)
     reqs.append(ResourceRequest("reward", "reward", reward_request(cfg), shared.get("reward")))
-    if cfg.reference.colocate:
-        reference = reference_shared_request(cfg)
-    else:
-        reference = dict(learner) if le.num_gpus_per_rank > 0 else {"CPU": REFERENCE_CPUS_ON_CPU}
-    reqs.append(ResourceRequest("reference", "reference", reference, shared.get("reference")))
+    if cfg.reference.placement == "actor":  # else the policy learner ranks hold it: nothing of its own
+        if cfg.reference.colocate:
+            reference = reference_shared_request(cfg)
+        else:
+            reference = dict(learner) if le.num_gpus_per_rank > 0 else {"CPU": REFERENCE_CPUS_ON_CPU}
+        reqs.append(ResourceRequest("reference", "reference", reference, shared.get("reference")))
     return reqs

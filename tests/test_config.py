@@ -37,6 +37,7 @@ def test_overrides_apply_with_yaml_types():
         ("rollout.sampling.temprature=1", "did you mean 'rollout.sampling.temperature'?"),
         ("train.prompts_per_step=-4", "train.prompts_per_step: Input should be greater than or equal to 1 (got -4)"),
         ("learner.zero_stage=4", "learner.zero_stage: Input should be 'auto', 0, 1, 2 or 3 (got 4)"),
+        ("reference.placement=gpu", "reference.placement: Input should be 'actor' or 'learner' (got 'gpu')"),
         ("rollout.num_actors=two", "rollout.num_actors: Input should be a valid integer"),
         ("algorithm.name=dpo", "algorithm.name: Input should be 'ppo', 'grpo', 'dr_grpo', 'dapo', 'gspo', 'rloo'"),
         ("tracking.resume=restart", "tracking.resume: Input should be 'rewind' or 'append' (got 'restart')"),
@@ -117,3 +118,11 @@ def test_a_config_setting_that_overrides_the_algorithms_preset_is_named(caplog: 
     assert "algorithm.name=dapo implies algorithm.kl.coef=0.0, but the config sets 0.01" in caplog.text
     assert preset_conflicts({"name": "grpo", "kl": {"estimator": "k3"}}) == []
     assert preset_conflicts({"name": "ppo"}) == []
+
+
+def test_a_learner_held_reference_cannot_also_be_colocated() -> None:
+    from rlhf_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="reference.placement=learner with reference.colocate=true"):
+        load_config(None, ["reference.placement=learner", "reference.colocate=true"])
+    assert load_config(None, ["reference.placement=learner"]).reference.placement == "learner"

@@ -61,15 +61,15 @@ def test_async_mode_generates_one_step_ahead(tiny_model_dir: Path, tmp_path: Pat
     assert all(math.isfinite(r["train/policy_loss"]) and r["train/skipped_steps"] == 0 for r in rows)
 
 
-@pytest.mark.parametrize("old_logprobs", ["recompute", "auto"])
+@pytest.mark.parametrize("old_logprobs, reference", [("recompute", "actor"), ("auto", "learner")])
 def test_sampling_temperature_reaches_learner_and_reference(
-    tiny_model_dir: Path, tmp_path: Path, ray_cluster: None, old_logprobs: str
+    tiny_model_dir: Path, tmp_path: Path, ray_cluster: None, old_logprobs: str, reference: str
 ):
-    """At T = 0.7 the learner (old log-probs, or the update's own forward) and the reference score
-    log_softmax(logits / 0.7), as vLLM sampled: the mismatch stays at fp32 rounding, and before the
-    first update the policy-to-reference KL is zero."""
+    """At T = 0.7 the learner (old log-probs, or the update's own forward) and the reference (its own actor, or
+    held by the learner ranks) score log_softmax(logits / 0.7), as vLLM sampled: the mismatch stays at fp32
+    rounding, and before the first update the policy-to-reference KL is zero."""
     cfg = _cfg(tiny_model_dir, tmp_path, 2, f"t07-{old_logprobs}", "rollout.sampling.temperature=0.7",
-               f"algorithm.old_logprobs={old_logprobs}", "checkpoint.every=0")
+               f"algorithm.old_logprobs={old_logprobs}", "checkpoint.every=0", f"reference.placement={reference}")
     train(cfg, tmp_path / "t07")
     rows = _metrics(tmp_path / "t07")
     assert all(r["rollout/logprob_diff_mean"] < 1e-4 for r in rows), [r["rollout/logprob_diff_mean"] for r in rows]

@@ -51,7 +51,7 @@ class RunComponents:
     pool: RolloutPool
     policy: LearnerGroup
     critic: LearnerGroup | None
-    reference: Any  # Ray handle of ReferenceActor, wrapped by `RemoteCall`
+    reference: Any  # `RemoteCall` of the ReferenceActor, or `LearnerHeldReference` (reference.placement=learner)
     reward: Any
     broadcaster: WeightBroadcaster
     tracker: Tracker
@@ -84,6 +84,21 @@ class RemoteCall:
         """Submit the call now; the returned function waits for its answer (the same timeout and errors)."""
         ref = getattr(self.handle, method).remote(*args, **kwargs)
         return lambda: get_with_timeout([ref], [self.name], f"{self.name}.{method}", self.timeout_s)[0]
+
+
+class LearnerHeldReference:
+    """The reference held by the policy learner ranks (reference.placement=learner), called like the ReferenceActor."""
+
+    def __init__(self, policy: LearnerGroup):
+        self.policy = policy
+
+    def start(self, method: str, batch: Any, temperature: float = 1.0) -> Callable[[], Any]:
+        if method != "compute_logprobs":
+            raise AttributeError(f"the learner-held reference has no method {method!r}")
+        return self.policy.start_ref_logprobs(batch, temperature)
+
+    def ping(self) -> bool:
+        return True
 
 
 def policy_placement(cfg: RunConfig) -> PlacementGroup | None:
@@ -129,8 +144,9 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
         pool = RolloutPool(cfg.model, cfg.rollout, colocate_in=shared if cfg.rollout.colocate else None)
         closers.append(pool.shutdown)
         total_updates = batch_math(cfg).optimizer_steps_per_run
+        in_learner = cfg.reference.placement == "learner"
         policy = LearnerGroup(
-            "policy", cfg.model.policy_path, cfg.learner, cfg.model, cfg.algorithm, total_updates, shared
+            "policy", cfg.model.policy_path, cfg.learner, cfg.model, cfg.algorithm, total_updates, shared, in_learner
         )
         closers.append(policy.shutdown)
         critic = None
@@ -142,11 +158,14 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
         check_shared_run_folder(run_dir, [policy] + ([critic] if critic else []))
         timeout = cfg.rollout.call_timeout_s
         requests = {r.name: helper_options(r, shared) for r in resource_requests(cfg)}  # what `rlhf-ray plan` shows
-        reference_handle = start_reference(cfg, requests["reference"])
-        closers.append(lambda: ray.kill(reference_handle))
+        if in_learner:
+            reference: Any = LearnerHeldReference(policy)
+        else:
+            reference_handle = start_reference(cfg, requests["reference"])
+            closers.append(lambda: ray.kill(reference_handle))
+            reference = RemoteCall(reference_handle, "reference", timeout)
         reward_handle = start_reward(cfg, requests["reward"])
         closers.append(lambda: ray.kill(reward_handle))
-        reference = RemoteCall(reference_handle, "reference", timeout)
         reward = RemoteCall(reward_handle, "reward", cfg.reward.timeout_s * 10)
         reference.ping()
         reward.ping()

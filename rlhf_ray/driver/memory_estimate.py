@@ -12,6 +12,7 @@ parameter of `model.dtype`: 2 for bfloat16/float16, 4 for float32):
                 gradient checkpointing L·s·b·h·d (each layer's input) plus one layer's 34·s·b·h·d/2
     logits      8·b·s·V: the fp32 logits and their log-softmax of one micro-batch
     overhead    `assumptions.overhead_gib` (CUDA context, allocator, communication buffers)
+    reference   d·Ψ, divided by N under ZeRO-3, with reference.placement=learner only (the ranks hold it)
 
 with s = model.max_model_len (the worst case) and b = learner.micro_batch_size. A vLLM rollout GPU gets
 gpu_memory_utilization × its memory; the weights (d·Ψ / tensor_parallel_size) and
@@ -101,12 +102,13 @@ class Assumptions:
 
 def learner_bytes(shape: ModelShape, cfg: RunConfig, ranks: int, assume: Assumptions) -> dict[str, float]:
     """Bytes on one learner GPU by part (see the module docstring), for a ZeRO group of `ranks` ranks."""
-    psi, d, stage = shape.parameters, DTYPE_BYTES[cfg.model.dtype], cfg.learner.zero_stage
+    psi, d = shape.parameters, DTYPE_BYTES[cfg.model.dtype]
+    stage = cfg.learner.zero_stage_used(cfg.model.dtype == "bfloat16")
     k = 8 if d == 4 else 12
     s, b, h, L = cfg.model.max_model_len, cfg.learner.micro_batch_size, shape.hidden_size, shape.num_layers
     one_layer = 34 * s * b * h * d / 2
     activations = L * s * b * h * d + one_layer if cfg.learner.gradient_checkpointing else L * one_layer
-    return {
+    parts = {
         "weights": d * psi / (ranks if stage >= 3 else 1),
         "gradients": d * psi / (ranks if stage >= 2 else 1),
         "optimizer": k * psi / (ranks if stage >= 1 else 1),
@@ -114,6 +116,9 @@ def learner_bytes(shape: ModelShape, cfg: RunConfig, ranks: int, assume: Assumpt
         "logits": 8 * b * s * shape.vocab_size,
         "overhead": assume.overhead_gib * GIB,
     }
+    if cfg.reference.placement == "learner":  # the frozen reference beside the policy, sharded like its weights
+        parts["reference"] = parts["weights"]
+    return parts
 
 
 def inference_bytes(shape: ModelShape, cfg: RunConfig, assume: Assumptions, lm_head: bool = True) -> dict[str, float]:
@@ -178,7 +183,7 @@ def step_seconds(shape: ModelShape, cfg: RunConfig, rollout_tflops: float, learn
     update = (8 if cfg.learner.gradient_checkpointing else 6) * psi * tokens * cfg.learner.ppo_epochs
     out = {
         "generate": 2 * psi * samples * response / (rollout_gpus * rollout_tflops * 1e12 * assume.generate_mfu),
-        "reference": forward / learner_rate,
+        "reference": forward / (ranks * learner_rate if cfg.reference.placement == "learner" else learner_rate),
         "logprobs": 0.0 if cfg.skips_old_logprobs else forward / (ranks * learner_rate),
         "update": update / (ranks * learner_rate),
         "sync": DTYPE_BYTES[cfg.model.dtype] * psi / (assume.sync_gb_per_s * 1e9),

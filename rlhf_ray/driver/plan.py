@@ -168,17 +168,24 @@ def _describe_compute(cfg: RunConfig) -> list[str]:
     le = cfg.learner
     bf16 = cfg.model.dtype == "bfloat16"
     stage = le.zero_stage_used(bf16)
-    auto_why = ("one rank, nothing to partition" if stage == 0 else
-                f"{le.num_ranks} ranks" if le.num_ranks > 1 else "bf16 checkpoints need ZeRO's per-parameter state")
+    auto_why = ("one rank, nothing to partition" if stage == 0 else f"{le.num_ranks} ranks" if le.num_ranks > 1
+                else "bf16 on one rank: stage 0 not yet timed against ZeRO-2")
     why = f"auto: {auto_why}" if le.zero_stage == "auto" else "learner.zero_stage"
     dtype, reason = auto_dtype()
     dtype_note = f"what model.dtype=auto picks here too ({reason})" if dtype == cfg.model.dtype else (
         f"model.dtype=auto would pick {dtype} here: {reason}")
     master = "; fp32 master weights and optimizer state" if cfg.model.dtype == "bfloat16" else ""
     env = " ".join(f"{k}={v}" for k, v in COMPUTE_PROCESS_ENV.items())
+    if cfg.reference.placement == "learner":
+        held = f"sharded over the {le.num_ranks} ranks like the policy" if stage == 3 else "a whole copy on each rank"
+        reference = (f"reference held by the policy learner ranks ({held}), each computing its own rows' log-probs; "
+                     "no reference actor (reference.placement=learner)")
+    else:
+        reference = "reference in a ReferenceActor of its own, sent each batch (reference.placement=actor)"
     return [
         f"ZeRO stage {stage} ({why})",
         f"dtype {cfg.model.dtype} for learners, reference and vLLM{master}; {dtype_note}",
+        reference,
         f"learner ranks and reference start with {env}; rollout actors keep Ray's nice 15 and their core pinning",
     ]
 
