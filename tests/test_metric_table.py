@@ -1,4 +1,4 @@
-"""The metric table (tracking.METRICS, rendered in the README) against what the code really logs.
+"""The metric table (metric_table.METRICS, rendered in the README) against what the code really logs.
 
 Names are collected from a short real PPO run (every RL stage: rollout, reward model and a rule function,
 reference, policy and critic updates, broadcast), from the shared DAPO run (dynamic sampling, overlong
@@ -19,7 +19,7 @@ from rlhf_ray.driver.evaluate import eval_metrics, score_texts
 from rlhf_ray.driver.loop import train
 from rlhf_ray.driver.stages import run_pretrain, run_rm, run_sft
 from rlhf_ray.recipes.synthetic import instruction_rows, make_answer, prompt_rows, write_jsonl
-from rlhf_ray.tracking import METRICS, documented_entries, metrics_markdown, undocumented
+from rlhf_ray.metric_table import METRICS, documented_entries, metrics_markdown, undocumented
 
 ROOT = Path(__file__).resolve().parents[1]
 BREVITY = "rlhf_ray.rewards:brevity"
@@ -87,5 +87,5 @@ def test_every_logged_metric_is_documented_and_every_documented_one_is_logged(
     assert {"train/value_loss", "train/critic_grad_norm", f"reward/{BREVITY}_mean", "reward/model_mean"} <= ppo
     stages = _stages(tiny_model_dir, tmp_path)
     logged = ppo | stages
-    assert undocumented(logged) == [], "logged but missing from tracking.METRICS (and the README table)"
+    assert undocumented(logged) == [], "logged but missing from metric_table.METRICS (and the README table)"
     assert sorted(METRICS.keys() - documented_entries(logged)) == [], "documented but logged by no stage"

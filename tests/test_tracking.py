@@ -4,7 +4,8 @@ import json
 import logging
 
 from rlhf_ray.config import TrackingConfig
-from rlhf_ray.tracking import METRICS, NAMESPACES, SecretFilter, Tracker, console_line, metrics_markdown
+from rlhf_ray.metric_table import METRICS, NAMESPACES, metrics_markdown
+from rlhf_ray.tracking import SecretFilter, Tracker, console_line
 
 SECRET = "planted-secret-123456"
 CONFIG_SECRET = "config-only-secret-7890"
