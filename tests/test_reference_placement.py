@@ -92,11 +92,14 @@ def test_only_a_policy_group_holds_the_reference(tiny_model_dir: Path) -> None:
 
 
 def test_plan_and_memory_estimate_show_the_reference_in_the_learner() -> None:
-    actor, held = load_config(GRPO), load_config(GRPO, ["reference.placement=learner"])
+    # The recipe shares GPU 0 with a colocated reference actor; held by the learners, it needs no share.
+    actor = load_config(GRPO, ["reference.colocate=false"])
+    held = load_config(GRPO, ["reference.placement=learner", "reference.colocate=false"])
+    ranks = held.learner.num_ranks
     assert "reference" in {r.name for r in resource_requests(actor)}
     assert "reference" not in {r.name for r in resource_requests(held)}  # no actor, no CPUs or GPU of its own
     text = make_plan(held, {"CPU": 1000.0, "GPU": 100.0, "learner": 100.0, "rollout": 100.0}).render()
-    assert "reference held by the policy learner ranks (sharded over the 3 ranks like the policy)" in text
+    assert f"reference held by the policy learner ranks (sharded over the {ranks} ranks like the policy)" in text
     assert "reference in a ReferenceActor of its own" in make_plan(actor, {"CPU": 1000.0, "GPU": 100.0,
                                                                            "learner": 100.0, "rollout": 100.0}).render()
     shape = load_shape(str(Path(__file__).resolve().parents[1] / "configs/models/qwen2.5-1.5b.json"))
@@ -104,4 +107,4 @@ def test_plan_and_memory_estimate_show_the_reference_in_the_learner() -> None:
     assert "reference" not in learner_bytes(shape, actor, ranks=3, assume=Assumptions())
     assert with_ref["reference"] == pytest.approx(2 * 1_543_714_304 / 3)  # bf16 weights, ZeRO-3 over 3 ranks
     t_actor, t_held = (step_seconds(shape, c, 362, 362, Assumptions()) for c in (actor, held))
-    assert t_held["reference"] == pytest.approx(t_actor["reference"] / 3)  # the forward split over the ranks
+    assert t_held["reference"] == pytest.approx(t_actor["reference"] / ranks)  # the forward split over the ranks
