@@ -6,12 +6,17 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-import pytest
-import ray
+# Nothing can be downloaded here: the hub is offline for every test and the processes they start. Set before
+# transformers/huggingface_hub are imported, which read it once; otherwise each hub lookup waits out its retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from rlhf_ray.config import ClusterConfig
-from rlhf_ray.ray_utils import init_ray
-from rlhf_ray.recipes.tiny import make_tiny
+import pytest  # noqa: E402
+import ray  # noqa: E402
+
+from rlhf_ray.config import ClusterConfig  # noqa: E402
+from rlhf_ray.ray_utils import init_ray  # noqa: E402
+from rlhf_ray.recipes.tiny import make_tiny  # noqa: E402
 
 if TYPE_CHECKING:
     from netns_cluster import NetnsCluster

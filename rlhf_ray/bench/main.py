@@ -54,18 +54,20 @@ def run_bench(out_dir: Path, quick: bool, figures: tuple[str, ...] = FIGURES) ->
     seconds: dict[str, float] = {}
     try:
         if "rollout" in figures or "sync" in figures:
-            pool1, pool2 = rollout.start_pools(str(policy), w)
+            pool1 = rollout.start_pool(str(policy), w, actors=1)
             try:
                 if "rollout" in figures:
-                    results += rollout.rollout_figures(rollout.measure(pool1, pool2, prompt_ids, w), w)
+                    pool2 = rollout.start_pool(str(policy), w, actors=2)
+                    try:
+                        results += rollout.rollout_figures(rollout.measure(pool1, pool2, prompt_ids, w), w)
+                    finally:
+                        pool2.shutdown()  # frees its Ray CPUs for the learner (the test cluster has only 4)
                     _lap("rollout", start, seconds)
                 if "sync" in figures:
-                    pool2.shutdown()  # frees its Ray CPUs for the learner (the test cluster has only 4)
                     results.append(sync.weight_sync_figure(str(policy), pool1, w, work / "models"))
                     _lap("sync", start, seconds)
             finally:
                 pool1.shutdown()
-                pool2.shutdown()
         if "training" in figures:
             prompts_file = workloads.write_prompts(work / "prompts.jsonl", texts)
             train_figures, stages = training.training_figures(w, policy, prompts_file, work / "runs", peaks)

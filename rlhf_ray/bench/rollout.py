@@ -74,13 +74,10 @@ def measure(pool1: RolloutPool, pool2: RolloutPool, prompts: list[list[int]], w:
     return rounds
 
 
-def start_pools(policy_path: str, w: Workload) -> tuple[RolloutPool, RolloutPool]:
-    """A 1-actor and a 2-actor pool of the workload's policy, each actor pinned to its own core."""
+def start_pool(policy_path: str, w: Workload, actors: int) -> RolloutPool:
+    """A pool of `actors` actors of the workload's policy, each actor pinned to its own core."""
     model_cfg = ModelConfig(policy_path=policy_path, max_model_len=w.max_model_len)
-    pools = []
-    for actors in (1, 2):
-        pools.append(RolloutPool(model_cfg, RolloutConfig(num_actors=actors, kv_cache_space_gib=0.5, seed=SEED)))
-    return pools[0], pools[1]
+    return RolloutPool(model_cfg, RolloutConfig(num_actors=actors, kv_cache_space_gib=0.5, seed=SEED))
 
 
 def rollout_figures(rounds: RolloutRounds, w: Workload) -> list[Figure]:
