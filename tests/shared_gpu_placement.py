@@ -20,7 +20,8 @@ from rlhf_ray.sizing import resource_requests
 
 SHARED = [
     "learner.num_ranks=2", "learner.num_gpus_per_rank=0.7", "learner.resources={learner: 1}",
-    "learner.minibatch_size=8", "reference.colocate=true", "reference.num_gpus=0.3", "reference.num_cpus=1",
+    "learner.minibatch_size=8", "reference.placement=actor", "reference.colocate=true", "reference.num_gpus=0.3",
+    "reference.num_cpus=1",
     "reward.colocate=true", "reward.num_gpus=0.3", "reward.use_model=false",
     "reward.functions=[{path: 'rlhf_ray.rewards:gsm8k_answer'}]", "weight_sync.backend=gloo",
 ]

@@ -41,7 +41,8 @@ def test_bf16_learner_reference_and_vllm_agree_before_and_after_an_update(
     learner_cfg = LearnerConfig(num_cpus_per_rank=0.5, lr=5e-3, micro_batch_size=4, minibatch_size=4)
     pool = RolloutPool(model_cfg, RolloutConfig(num_actors=1, kv_cache_space_gib=0.25))
     learner = LearnerGroup("policy", model_cfg.policy_path, learner_cfg, model_cfg)
-    cfg = load_config(None, [f"model.policy_path={model_cfg.policy_path}", "model.dtype=bfloat16"])
+    cfg = load_config(None, [f"model.policy_path={model_cfg.policy_path}", "model.dtype=bfloat16",
+                                "reference.placement=actor"])
     reference = start_reference(cfg, {r.name: r.ray_options() for r in resource_requests(cfg)}["reference"])
     try:
         dtypes = ray.get(learner.workers[0].__ray_call__.remote(lambda w: (

@@ -123,6 +123,10 @@ def test_a_config_setting_that_overrides_the_algorithms_preset_is_named(caplog: 
 def test_a_learner_held_reference_cannot_also_be_colocated() -> None:
     from rlhf_ray.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="reference.placement=learner with reference.colocate=true"):
-        load_config(None, ["reference.placement=learner", "reference.colocate=true"])
-    assert load_config(None, ["reference.placement=learner"]).reference.placement == "learner"
+    for overrides in (["reference.colocate=true"], ["reference.placement=learner", "reference.colocate=true"]):
+        with pytest.raises(ConfigError, match=r"reference.placement=learner \(the default\) with reference.colocate=true"
+                           r".*fix: set reference.placement=actor"):
+            load_config(None, overrides)
+    assert load_config(None, []).reference.placement == "learner"
+    gpus = ["learner.num_gpus_per_rank=0.75", "reference.placement=actor", "reference.colocate=true"]
+    assert load_config(None, gpus).reference.colocate

@@ -90,7 +90,7 @@ def test_learner_ranks_and_reference_run_at_nice_0_with_the_compute_openmp_polic
     with LearnerGroup("policy", policy, LearnerConfig(num_cpus_per_rank=0.5), ModelConfig()) as group:
         assert_compute_process(pid_of(group.workers[0]))
         assert ray.get(group.workers[0].__ray_call__.remote(lambda w: w.engine.zero_optimization_stage())) == 0
-    cfg = load_config(None, [f"model.policy_path={policy}"])
+    cfg = load_config(None, [f"model.policy_path={policy}", "reference.placement=actor"])
     requests = {r.name: r.ray_options() for r in resource_requests(cfg)}
     reference = start_reference(cfg, requests["reference"])
     try:

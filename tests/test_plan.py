@@ -41,19 +41,21 @@ GPU_NODES = [node("10.0.0.1", CPU=0), node("10.0.1.1", CPU=48, GPU=4, learner=4)
 
 
 def test_cpu_defaults_fit_five_cpus():
-    cfg = load_config()  # PPO: a critic learner group beside the policy's
+    cfg = load_config()  # PPO: a critic learner group beside the policy's; the policy ranks hold the reference
     plan = make_plan(cfg, {"CPU": 5.0})
     assert [(r.name, r.resources) for r in plan.requests] == [
         ("rollout-0", {"CPU": 1.0}),
         ("policy-learner-0", {"CPU": 1.0}),
         ("critic-learner-0", {"CPU": 1.0}),
         ("reward", {"CPU": 1.0}),
-        ("reference", {"CPU": 0.5}),
     ]
-    assert plan.needed == {"CPU": 4.5}
+    assert plan.needed == {"CPU": 4.0}
     assert plan.transport == "gloo"
     text = plan.render()
-    assert "auto -> gloo" in text and "rollout-0" in text and "reference" in text
+    assert "auto -> gloo" in text and "rollout-0" in text and "reference held by the policy learner ranks" in text
+    with_actor = make_plan(load_config(None, ["reference.placement=actor"]), {"CPU": 5.0})
+    assert ("reference", {"CPU": 0.5}) in [(r.name, r.resources) for r in with_actor.requests]
+    assert with_actor.needed == {"CPU": 4.5}
 
 
 def test_gpu_recipe_places_each_actor_in_its_pool():
@@ -127,7 +129,7 @@ def test_too_few_gpus_is_named_with_counts_and_fix():
 
 
 def test_too_few_cpus_names_the_local_head_fix():
-    with pytest.raises(PlanError, match=r"CPU: need 4.5 .*the cluster has 2;.*cluster.num_cpus"):
+    with pytest.raises(PlanError, match=r"CPU: need 4 .*the cluster has 2;.*cluster.num_cpus"):
         make_plan(load_config(), {"CPU": 2.0})
 
 
@@ -253,7 +255,7 @@ def test_plan_main_starts_its_own_local_head():
 def test_plan_main_on_2_cpus_refuses_the_default_config():
     proc = _plan_cli("cluster.num_cpus=2")
     assert proc.returncode == 1
-    assert "CPU: need 4.5 (rollout 1, learner 2×1, reward 1, reference 0.5), the cluster has 2" in proc.stderr
+    assert "CPU: need 4 (rollout 1, learner 2×1, reward 1), the cluster has 2" in proc.stderr
 
 
 def test_plan_main_on_2_cpus_accepts_a_config_that_fits():

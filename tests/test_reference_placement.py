@@ -45,7 +45,8 @@ def test_learner_held_reference_equals_the_reference_actor(
 ) -> None:
     path = str(make_tiny(tmp_path, arch="llama", tie=True, reward_model=False)["policy"]) if tied else str(
         tiny_model_dir / "policy")
-    cfg = load_config(None, [f"model.policy_path={path}", "learner.micro_batch_size=2", f"model.dtype={dtype}"])
+    cfg = load_config(None, [f"model.policy_path={path}", "learner.micro_batch_size=2", f"model.dtype={dtype}",
+                              "reference.placement=actor"])
     reference = start_reference(cfg, {r.name: r.ray_options() for r in resource_requests(cfg)}["reference"])
     learner_cfg = LearnerConfig(num_ranks=ranks, num_cpus_per_rank=0.5, zero_stage=zero_stage, micro_batch_size=2,
                                 minibatch_size=2 * ranks, lr=1e-2)

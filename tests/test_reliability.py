@@ -190,7 +190,7 @@ CASES: dict[str, tuple[Callable[[Path], str], list[str]]] = {
         output_under_a_file, ["train.output_dir", "cannot write the run folder", "file/run", "fix: set train.output_dir"]),
     "too_few_cpus_in_cluster": (
         lambda t: error_of(lambda: check_cluster(run_cfg(), {"CPU": 2.0})),
-        ["CPU: need 4.5 (rollout 1, learner 2×1, reward 1, reference 0.5), the cluster has 2", "fix: add nodes"]),
+        ["CPU: need 4 (rollout 1, learner 2×1, reward 1), the cluster has 2", "fix: add nodes"]),
     "custom_resource_missing": (
         lambda t: error_of(lambda: check_cluster(run_cfg("rollout.resources={rollout: 1}"), {"CPU": 16.0})),
         ["rollout: need 1 (rollout 1), the cluster has 0 (no node offers it)", "fix: start nodes that offer it"]),

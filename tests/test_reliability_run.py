@@ -95,6 +95,7 @@ def test_a_killed_run_leaves_no_process_resumes_once_per_step_and_leaks_no_secre
         "train.steps=4", "train.prompts_per_step=4", f"train.output_dir={tmp_path}", "train.run_name=run",
         "tracking.backend=wandb", "tracking.mode=offline", f"tracking.project=p-{WANDB_SECRET}",
         "checkpoint.every=2", "cluster.num_cpus=8", "cluster.host=127.0.0.1",
+        "reference.placement=actor",  # a ReferenceActor too, so that its process is among those that must go
     ]
     command = [sys.executable, "-m", "rlhf_ray.cli", "train", *argv]
     outputs = []

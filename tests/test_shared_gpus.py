@@ -17,14 +17,16 @@ GPU_LEARNERS = ["learner.num_gpus_per_rank=0.7", "learner.num_ranks=2", "learner
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["reference.colocate=true"], r"reference.colocate=true shares a policy learner rank's GPU, but "
-                                  r"learner.num_gpus_per_rank=0 \(CPU learners\); fix: set reference.colocate=false"),
+    (["reference.placement=actor", "reference.colocate=true"],
+     r"reference.colocate=true shares a policy learner rank's GPU, but "
+     r"learner.num_gpus_per_rank=0 \(CPU learners\); fix: set reference.colocate=false"),
     (GPU_LEARNERS + ["reward.colocate=true"], r"reward.colocate=true shares a learner GPU, but reward.num_gpus=0"),
-    (GPU_LEARNERS + ["reference.colocate=true", "reference.num_gpus=0.4"],
+    (GPU_LEARNERS + ["reference.placement=actor", "reference.colocate=true", "reference.num_gpus=0.4"],
      r"policy learner rank 0's GPU would hold policy-learner-0 0.7 \+ reference 0.4 = 1.1 GPUs.*fix: lower "
      r"learner.num_gpus_per_rank"),
-    (GPU_LEARNERS + ["learner.num_ranks=1", "reference.colocate=true", "reference.num_gpus=0.2", "reward.colocate=true",
-                     "reward.num_gpus=0.2"], r"policy-learner-0 0.7 \+ reference 0.2 \+ reward 0.2 = 1.1 GPUs"),
+    (GPU_LEARNERS + ["learner.num_ranks=1", "reference.placement=actor", "reference.colocate=true",
+                     "reference.num_gpus=0.2", "reward.colocate=true", "reward.num_gpus=0.2"],
+     r"policy-learner-0 0.7 \+ reference 0.2 \+ reward 0.2 = 1.1 GPUs"),
     (["reference.num_gpus=1.5"], r"reference.num_gpus"),
     (["reward.gpu_memory_utilization=0"], r"reward.gpu_memory_utilization"),
 ])
@@ -35,7 +37,8 @@ def test_shares_that_cannot_work_are_refused_naming_the_field(overrides, message
 
 def test_bundles_hold_the_rank_and_what_shares_its_gpu() -> None:
     cfg = load_config(None, GPU_LEARNERS + ["learner.num_cpus_per_rank=4", "learner.resources={learner: 1}",
-                                            "reference.colocate=true", "reference.num_gpus=0.3", "reference.num_cpus=2",
+                                            "reference.placement=actor", "reference.colocate=true",
+                                            "reference.num_gpus=0.3", "reference.num_cpus=2",
                                             "reward.colocate=true", "reward.num_gpus=0.25", "reward.num_cpus=3"])
     assert shared_bundle_index(cfg) == {"reference": 0, "reward": 1}
     assert policy_bundles(cfg) == [{"CPU": 6.0, "GPU": 1.0, "learner": 1.0}, {"CPU": 7.0, "GPU": 0.95, "learner": 1.0}]
@@ -45,8 +48,9 @@ def test_bundles_hold_the_rank_and_what_shares_its_gpu() -> None:
     # inside a bundle the helper asks for no custom resource: the bundle holds the rank's
     assert by_name["reference"].resources == {"CPU": 2.0, "GPU": 0.3} and by_name["reference"].bundle == 0
     assert by_name["reward"].resources == {"CPU": 3.0, "GPU": 0.25} and by_name["reward"].bundle == 1
-    one_rank = load_config(None, GPU_LEARNERS + ["learner.num_ranks=1", "reference.colocate=true",
-                                                 "reference.num_gpus=0.1", "reward.colocate=true", "reward.num_gpus=0.2"])
+    one_rank = load_config(None, GPU_LEARNERS + ["learner.num_ranks=1", "reference.placement=actor",
+                                                 "reference.colocate=true", "reference.num_gpus=0.1",
+                                                 "reward.colocate=true", "reward.num_gpus=0.2"])
     assert policy_bundles(one_rank) == [{"CPU": 1.0 + 2.0 + 1.0, "GPU": pytest.approx(1.0)}]  # both in rank 0's
 
 
