@@ -51,10 +51,8 @@ def cmd_make_tiny(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from rlhf_ray.driver.components import run_dir_for
+    from rlhf_ray.driver.run_folder import RunLock, check_resumable, run_dir_for
     from rlhf_ray.driver.supervisor import RunFailedError, train_supervised
-
-    from rlhf_ray.driver.run_folder import RunLock, check_resumable
 
     cfg = _config(args)
     if args.resume and not cfg.train.run_name:
@@ -82,10 +80,8 @@ def cmd_scale(args: argparse.Namespace) -> None:
 
 
 def _stage(kind: str, args: argparse.Namespace) -> None:
-    from rlhf_ray.driver.components import run_dir_for
+    from rlhf_ray.driver.run_folder import RunLock, run_dir_for
     from rlhf_ray.driver.stages import stage_main
-
-    from rlhf_ray.driver.run_folder import RunLock
 
     cfg = _config(args)
     run_dir = run_dir_for(cfg)

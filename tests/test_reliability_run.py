@@ -174,6 +174,7 @@ def test_a_killed_run_leaves_no_process_resumes_once_per_step_and_leaks_no_secre
 
         # cluster.host=127.0.0.1: Ray's node address and every listener of the session's processes
         assert {p["node_ip"] for p in placement.values()} == {"127.0.0.1"}, placement
+        assert {"rollout-0", "policy-learner-0", "reward", "reference"} <= set(placement), placement
         assert bound and {ipv4(ip) for ip, _, _ in bound} == {"127.0.0.1"}, bound
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

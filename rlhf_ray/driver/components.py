@@ -29,7 +29,6 @@ from rlhf_ray.data import PromptSampler, load_dataset
 from rlhf_ray.driver.plan import weight_sync_backend
 from rlhf_ray.hardware import compute_runtime_env
 from rlhf_ray.driver.preflight import check_cluster, preflight
-from rlhf_ray.driver.run_folder import run_dir_for  # noqa: F401 (callers import it from here)
 from rlhf_ray.ray_utils import get_with_timeout, init_ray
 from rlhf_ray.rewards import RewardNormalizer
 from rlhf_ray.driver.step_guard import StepGuard
@@ -172,7 +171,8 @@ def build_components(cfg: RunConfig, run_dir: Path) -> RunComponents:
         wait_s = cfg.rollout.call_timeout_s if cfg.train.async_mode else 0.0  # sends may start mid-generation
         broadcaster = WeightBroadcaster(policy, pool, cfg.weight_sync, weight_sync_backend(cfg), wait_s)
         pool.current_weights = policy.export_weights  # what actors joining later load before they serve
-        write_placement(run_dir / "placement.json", pool, [policy] + ([critic] if critic else []))
+        helpers = {"reward": reward_handle} | ({} if in_learner else {"reference": reference_handle})
+        write_placement(run_dir / "placement.json", pool, [policy] + ([critic] if critic else []), helpers)
         tracker = Tracker(cfg.tracking, run_dir, cfg.train.run_name or run_dir.name, cfg.model_dump(mode="json"))
         closers.append(tracker.finish)
     except BaseException:
@@ -201,8 +201,16 @@ def start_reward(cfg: RunConfig, ray_options: dict[str, Any]) -> Any:
     return ray.remote(RewardActor).options(**ray_options, runtime_env=env).remote(cfg.model, cfg.reward)
 
 
-def write_placement(path: Path, pool: RolloutPool, groups: list[LearnerGroup]) -> None:
-    """Record the Ray node (id, address and custom resources) each rollout actor and learner rank started on."""
+def node_of_actor(_actor: Any) -> dict[str, str]:
+    """Run inside any actor (`handle.__ray_call__`): the Ray node it runs on, {"node_id", "node_ip"}."""
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+
+def write_placement(
+    path: Path, pool: RolloutPool, groups: list[LearnerGroup], helpers: dict[str, Any] | None = None
+) -> None:
+    """Record the Ray node (id, address and custom resources) each rollout actor, learner rank and helper
+    actor (name -> Ray handle: the reward actor, a reference actor) started on."""
     nodes = {n["NodeID"]: n for n in ray.nodes()}
 
     def entry(node_id: str, node_ip: str) -> dict[str, Any]:
@@ -215,6 +223,9 @@ def write_placement(path: Path, pool: RolloutPool, groups: list[LearnerGroup]) -
     placement = {m.name: entry(m.node_id, m.node_ip) for m in pool.members}
     for group in groups:
         placement |= {name: entry(w["node_id"], w["node_ip"]) for name, w in group.where().items()}
+    names = list(helpers or {})
+    found = ray.get([helpers[n].__ray_call__.remote(node_of_actor) for n in names]) if names else []
+    placement |= {name: entry(w["node_id"], w["node_ip"]) for name, w in zip(names, found)}
     path.write_text(json.dumps(placement, indent=2))
     log.info("placement: %s", ", ".join(f"{k} on {v['node_ip']}" for k, v in placement.items()))
 
