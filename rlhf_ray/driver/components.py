@@ -224,7 +224,8 @@ def write_placement(
     for group in groups:
         placement |= {name: entry(w["node_id"], w["node_ip"]) for name, w in group.where().items()}
     names = list(helpers or {})
-    found = ray.get([helpers[n].__ray_call__.remote(node_of_actor) for n in names]) if names else []
+    calls = [helpers[n].__ray_call__.remote(node_of_actor) for n in names]
+    found = get_with_timeout(calls, names, "where", 60.0) if names else []
     placement |= {name: entry(w["node_id"], w["node_ip"]) for name, w in zip(names, found)}
     path.write_text(json.dumps(placement, indent=2))
     log.info("placement: %s", ", ".join(f"{k} on {v['node_ip']}" for k, v in placement.items()))
