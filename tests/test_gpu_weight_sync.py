@@ -86,7 +86,7 @@ def test_tensor_parallel_bundles_are_counted_per_bundle() -> None:
                                        "rollout.resources={rollout: 1}"])
     rollout = next(r for r in resource_requests(cfg) if r.kind == "rollout")
     assert rollout.resources == {"CPU": 2.0, "GPU": 4.0, "rollout": 1.0}
-    with pytest.raises(PlanError, match=r"GPU: need 7 \(rollout 4, .*the cluster has 3"):
+    with pytest.raises(PlanError, match=r"GPU: need 6 \(rollout 4, learner 2×1\), the cluster has 3"):
         make_plan(cfg, {"CPU": 64.0, "GPU": 3.0, "rollout": 3.0})
 
 

@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 # hidden 1152 = 18 heads of 64, 2 KV heads, 24 layers, MLP 4x: about 0.45B parameters with the tiny vocabulary.
 BIG = {"hidden_size": 1152, "num_layers": 24, "num_heads": 18, "num_kv_heads": 2, "max_position": 2048}
 TINY = {"hidden_size": 128, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1}
-# Shares of the one GPU: learner rank + rollout actor in one bundle, the reference beside them (GRPO run).
+# Shares of the one GPU: learner rank + rollout actor in one bundle; the learner rank also holds the reference
+# (the default reference.placement=learner) in the GRPO run.
 LEARNER_GPU, ROLLOUT_GPU = 0.3, 0.3
 
 
